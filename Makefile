@@ -1,0 +1,35 @@
+# The README's two commands: `make run` (the main job) and `make test` (the suite). Both set up first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP  := $(VENV)/.rlora-setup
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch first (the pinned CPU wheel here, the CUDA build of the same version on a GPU box), then the
+# project with a constraints file so that nothing replaces that torch, then the embedded model cache.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m rlora.models --prepare
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/rlora train examples/configs/cpu_demo.yaml $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest -q $(ARGS)
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)
+
+bench: setup
+	for b in layer_overhead mixed_batch sampler train_throughput merged_inference; do \
+	  test -f benchmarks/$$b.py && $(PY) benchmarks/$$b.py --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) outputs mlruns mlflow.db

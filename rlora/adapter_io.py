@@ -1,0 +1,104 @@
+"""Save and load adapters: ``adapter_model.safetensors`` + ``adapter_config.json``. Never unpickles."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import adapter_config, adapter_layers, inject
+from .layers import AdapterError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (trainable parameters and saved offsets), keyed by module path."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        for pname, t in list(layer.named_parameters(recurse=False)) + list(layer.named_buffers(recurse=False)):
+            state[f"{name}.{pname}"] = t.detach()
+    return state
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], state: dict | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write the adapter atomically into ``path`` (created, or an existing empty directory)."""
+    cfg = adapter_config(model)
+    if cfg is None:
+        raise AdapterError("model has no adapters to save: call rlora.inject first")
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AdapterError(f"{out} exists and is not an empty directory: choose a new path")
+    state = adapter_state_dict(model) if state is None else state
+    if not state or any(t.numel() == 0 for t in state.values()):
+        raise AdapterError("adapter state is empty (under ZeRO-3, gather the parameters before saving)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME))
+        meta = {"format": "rlora-adapter", "version": FORMAT_VERSION, **cfg.model_dump(), **(extra or {})}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_adapter_config(path: Union[str, os.PathLike]) -> AdapterConfig:
+    p = Path(path)
+    cfg_file, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
+    if not p.is_dir():
+        raise AdapterError(f"adapter directory {p} does not exist")
+    if (p / "adapter_model.bin").exists() and not weights.exists():
+        raise AdapterError(f"{p} holds a pickle (.bin) adapter: only safetensors adapters are loaded")
+    if not cfg_file.is_file() or not weights.is_file():
+        raise AdapterError(f"{p} is not an rlora adapter: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{cfg_file} is corrupted (invalid JSON at line {err.lineno}): re-export the adapter") from None
+    if meta.get("format") != "rlora-adapter":
+        raise AdapterError(f"{cfg_file} is not an rlora adapter config (a PEFT adapter? load it with peft)")
+    fields = {k: v for k, v in meta.items() if k in AdapterConfig.model_fields}
+    return AdapterConfig.model_validate(fields)
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model`` (injecting it first if needed)."""
+    p = Path(path)
+    cfg = read_adapter_config(p)
+    have = adapter_config(model)
+    if have is None:
+        inject(model, cfg)
+    elif (have.method, have.r, have.heads, have.tasks) != (cfg.method, cfg.r, cfg.heads, cfg.tasks):
+        raise AdapterError(f"model's adapters ({have.method}, r={have.r}) differ from {p} ({cfg.method}, r={cfg.r})")
+    try:
+        saved = load_file(str(p / WEIGHTS_NAME))
+    except Exception as err:  # safetensors raises its own error types on truncated files
+        raise AdapterError(f"{p / WEIGHTS_NAME} is truncated or corrupted ({err}): re-export the adapter") from None
+    current = adapter_state_dict(model)
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise AdapterError(f"{p} does not fit this model ({what}): was it saved from another base model?")
+    with torch.no_grad():
+        for k, t in current.items():
+            if saved[k].shape != t.shape:
+                raise AdapterError(f"{p}: tensor {k} has shape {tuple(saved[k].shape)} but the model needs "
+                                   f"{tuple(t.shape)}: the adapter was saved from another base model")
+            t.copy_(saved[k].to(t.dtype))
+    return model

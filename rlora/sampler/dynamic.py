@@ -1,0 +1,178 @@
+"""Interference-aware dynamic task balancing (DWA-style, applied to sampling probabilities).
+
+Inputs, fed through :meth:`DynamicBalancer.observe` once per training step (identical on every
+rank, i.e. already reduced across ranks):
+
+* ``L_t``: the mean loss of task ``t`` on that step (``NaN`` when ``t`` was not in the step);
+  the last ``2W`` observations of each task are kept (``W = cfg.dynamic_window``);
+* optionally ``C`` [T, T]: gradient cosines between tasks (``cfg.dynamic_signal ==
+  "loss_ratio+conflict"``; ignored otherwise). ``c_t`` = mean of ``C[t, s]`` over ``s != t``
+  (NaN entries skipped) is kept until the next matrix arrives.
+
+Every ``cfg.dynamic_interval`` steps (when ``step - last_reweight_step >= interval``) the
+probabilities are recomputed:
+
+.. math::
+
+    r_t = \\frac{\\mathrm{mean}(L_t[-W:])}{\\mathrm{mean}(L_t[-2W:-W])} \\quad
+          (r_t = 1 \\text{ until } t \\text{ has } 2W \\text{ observations or if the older mean} \\le 0)
+
+    s_t = r_t - \\beta \\, c_t \\quad (\\beta = \\text{cfg.dynamic\\_conflict\\_weight}; \\ c_t = 0 \\text{ for loss\\_ratio})
+
+    q_t = \\frac{\\pi_t \\exp(s_t / \\tau)}{\\sum_u \\pi_u \\exp(s_u / \\tau)}, \\quad
+    p_t = (1 - f)\\, q_t + f / T
+
+with ``pi`` the proportional distribution ``n_t / sum n`` (so equal signals give back the
+proportional start), ``tau = cfg.dynamic_tau`` and ``f = cfg.dynamic_floor``, hence
+``p_t >= f / T``: no task starves. A task whose loss stopped falling (``r_t ~ 1`` while the
+others have ``r < 1``) gains weight; so does a task whose gradient points against the rest
+(negative mean cosine): the shared update serves it least, so it is shown more often. Tasks
+not yet observed ``2W`` times count as not improving (``r_t = 1``). Everything is a pure
+function of the feed, so equal feeds give equal probabilities on every rank and after resume.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from rlora.config import SamplerConfig
+
+from .errors import SamplerError
+from .strategies import proportional
+
+HISTORY_LIMIT = 1000  # re-weightings kept in ``history`` (and in the state) for logging
+
+
+class DynamicBalancer:
+    """Holds the loss history and the current probabilities of the ``dynamic`` strategy."""
+
+    def __init__(self, task_sizes: np.ndarray, cfg: SamplerConfig):
+        self.num_tasks = len(task_sizes)
+        self.prior = proportional(task_sizes)
+        self.tau = float(cfg.dynamic_tau)
+        self.floor = float(cfg.dynamic_floor)
+        self.interval = int(cfg.dynamic_interval)
+        self.window = int(cfg.dynamic_window)
+        self.use_conflict = cfg.dynamic_signal == "loss_ratio+conflict"
+        self.conflict_weight = float(cfg.dynamic_conflict_weight)
+        if not self.tau > 0:
+            raise SamplerError(f"sampler.dynamic_tau must be > 0, got {cfg.dynamic_tau}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise SamplerError(f"sampler.dynamic_floor must be in [0, 1], got {cfg.dynamic_floor}")
+        if self.interval < 1 or self.window < 1:
+            raise SamplerError(
+                f"sampler.dynamic_interval and dynamic_window must be >= 1, got {self.interval} and {self.window}"
+            )
+        self.losses: list[list[float]] = [[] for _ in range(self.num_tasks)]
+        self.conflict = np.zeros(self.num_tasks)
+        self.ratios = np.ones(self.num_tasks)
+        self.last_reweight_step = 0
+        self.probabilities = self._mix(self.prior)
+        self.history: list[dict] = [{"step": 0, "probabilities": self.probabilities.tolist()}]
+
+    # ------------------------------------------------------------------------------------------
+    def _mix(self, q: np.ndarray) -> np.ndarray:
+        return (1.0 - self.floor) * q + self.floor / self.num_tasks
+
+    def loss_ratios(self) -> np.ndarray:
+        """``r_t`` [T] from the kept loss history (1 where not enough observations)."""
+        w = self.window
+        r = np.ones(self.num_tasks)
+        for t, h in enumerate(self.losses):
+            if len(h) >= 2 * w:
+                old = sum(h[-2 * w : -w]) / w
+                new = sum(h[-w:]) / w
+                if old > 0:
+                    r[t] = new / old
+        return r
+
+    def observe(self, task_losses: Sequence[float], step: int, conflict: np.ndarray | None = None) -> bool:
+        """Record one step's per-task losses (and conflict matrix); re-weight when due.
+
+        Returns True when the probabilities were recomputed."""
+        try:
+            losses = np.asarray(task_losses, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise SamplerError("update: task_losses must be a sequence of floats (NaN for an absent task)") from None
+        if losses.shape[0] != self.num_tasks:
+            raise SamplerError(
+                f"update: task_losses has {losses.shape[0]} values but there are {self.num_tasks} tasks: "
+                "give one mean loss per task (NaN when absent)"
+            )
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise SamplerError(f"update: step must be a non-negative integer, got {step!r}")
+        keep = 2 * self.window
+        for t, v in enumerate(losses.tolist()):
+            if math.isfinite(v):
+                h = self.losses[t]
+                h.append(v)
+                if len(h) > keep:
+                    del h[: len(h) - keep]
+        if conflict is not None and self.use_conflict:
+            self.conflict = self._conflict_means(conflict)
+        if int(step) - self.last_reweight_step >= self.interval:
+            self.reweight(int(step))
+            return True
+        return False
+
+    def _conflict_means(self, conflict: np.ndarray) -> np.ndarray:
+        try:
+            c = np.asarray(conflict, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise SamplerError("update: conflict must be a T x T array of gradient cosines") from None
+        t = self.num_tasks
+        if c.shape != (t, t):
+            raise SamplerError(
+                f"update: conflict has shape {tuple(c.shape)}, expected ({t}, {t}): pass the task x task cosine matrix"
+            )
+        if t == 1:
+            return np.zeros(1)
+        off = c.copy()
+        np.fill_diagonal(off, np.nan)
+        off[~np.isfinite(off)] = np.nan
+        valid = np.isfinite(off)
+        sums = np.where(valid, off, 0.0).sum(axis=1)
+        counts = valid.sum(axis=1)
+        return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+
+    def reweight(self, step: int) -> np.ndarray:
+        self.ratios = self.loss_ratios()
+        signal = self.ratios - (self.conflict_weight * self.conflict if self.use_conflict else 0.0)
+        logits = np.log(self.prior) + signal / self.tau
+        w = np.exp(logits - logits.max())
+        self.probabilities = self._mix(w / w.sum())
+        self.last_reweight_step = int(step)
+        self.history.append({"step": int(step), "probabilities": self.probabilities.tolist()})
+        if len(self.history) > HISTORY_LIMIT:
+            del self.history[: len(self.history) - HISTORY_LIMIT]
+        return self.probabilities
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "losses": [list(h) for h in self.losses],
+            "conflict": self.conflict.tolist(),
+            "ratios": self.ratios.tolist(),
+            "last_reweight_step": self.last_reweight_step,
+            "probabilities": self.probabilities.tolist(),
+            "history": [dict(step=h["step"], probabilities=list(h["probabilities"])) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            losses = [[float(v) for v in h] for h in state["losses"]]
+            conflict = np.asarray(state["conflict"], dtype=np.float64)
+            ratios = np.asarray(state["ratios"], dtype=np.float64)
+            probs = np.asarray(state["probabilities"], dtype=np.float64)
+            last = int(state["last_reweight_step"])
+            history = [dict(step=int(h["step"]), probabilities=[float(x) for x in h["probabilities"]])
+                       for h in state["history"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise SamplerError(f"sampler state 'dynamic' is malformed ({err!r}): pass the dict from state_dict()") from None
+        t = self.num_tasks
+        if len(losses) != t or conflict.shape != (t,) or ratios.shape != (t,) or probs.shape != (t,):
+            raise SamplerError(f"sampler state 'dynamic' is for a different number of tasks than {t}")
+        self.losses, self.conflict, self.ratios = losses, conflict, ratios
+        self.probabilities, self.last_reweight_step, self.history = probs, last, history

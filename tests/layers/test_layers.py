@@ -1,0 +1,138 @@
+"""Each method's forward equals a naive reference written with explicit loops over heads and samples."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlora
+from rlora.layers import LAYERS, AdapterError
+
+D_IN, D_OUT, R, N, TASKS = 12, 20, 4, 3, ["a", "b", "c"]
+
+
+def make(method, **kw):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(D_IN, D_OUT)
+    cfg = rlora.AdapterConfig(method=method, r=R, num_heads=N, alpha=8, dropout=0.0, tasks=TASKS, **kw)
+    layer = LAYERS[method](base, cfg, num_tasks=len(TASKS)).eval()
+    with torch.no_grad():  # give every trainable tensor a non-trivial value
+        for name, p in layer.named_parameters():
+            if name.startswith("base"):
+                continue
+            p.normal_(0, 0.3)
+    return layer
+
+
+def naive(layer, x, tids=None):
+    """h = W0 x + Σ_i (per-method weight of head i) B_i (...) — loops over samples and heads."""
+    W0, b0, A, B, s = layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling
+    out = torch.empty(*x.shape[:-1], D_OUT)
+    for n in range(x.shape[0]):
+        for l in range(x.shape[1]):
+            xi = x[n, l]
+            h = W0 @ xi + b0
+            if layer.method == "lora":
+                h = h + s * B[:, 0] @ (A @ xi)
+            elif layer.method in ("hydra", "rlora"):
+                g = torch.softmax(layer.router @ xi, dim=0)
+                for i in range(N):
+                    h = h + s * g[i] * (B[:, i] @ (A @ xi))
+                if layer.method == "rlora" and layer.use_offset:
+                    h = h - s * layer.offset_B @ (layer.offset_A @ xi)
+            else:  # mtl
+                t = int(tids[n])
+                lam = torch.diag(layer.task_lambda[t]) if layer.diagonal else layer.task_lambda[t]
+                m = torch.softmax(layer.task_weight[t] / layer.temperature, dim=0)
+                Bmix = sum(m[i] * B[:, i] for i in range(N))
+                h = h + s * Bmix @ (lam @ (A @ xi))
+            out[n, l] = h
+    return out
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {}), ("hydra", {}), ("rlora", {}), ("rlora", {"rslora": True}),
+                                       ("mtl", {}), ("mtl", {"diagonal": True})])
+def test_forward_equals_naive_reference(method, kw):
+    layer = make(method, **kw)
+    x = torch.randn(3, 5, D_IN)
+    tids = torch.tensor([2, 0, 1])
+    with rlora.task_ids(tids):
+        got = layer(x)
+    ref = naive(layer, x, tids)
+    assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item())
+
+
+def test_scaling_modes():
+    cfg = rlora.AdapterConfig(r=16, alpha=32)
+    assert cfg.scaling == 2.0
+    assert rlora.AdapterConfig(r=16, alpha=32, rslora=True).scaling == 8.0
+
+
+def test_rlora_init_statistics_and_zero_router():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 1024)
+    cfg = rlora.AdapterConfig(method="rlora", r=8, num_heads=4, gamma=64)
+    layer = LAYERS["rlora"](base, cfg)
+    scale = 1024 ** 0.25 / 8
+    assert layer.lora_A.std().item() == pytest.approx(scale / 256 ** 0.5, rel=0.05)
+    assert layer.lora_B.std().item() == pytest.approx(scale / 1024 ** 0.5, rel=0.05)
+    assert torch.count_nonzero(layer.router) == 0
+    # heads are independent draws: pairwise cosine of flattened heads near 0
+    heads = layer.lora_B.permute(1, 0, 2).reshape(4, -1)
+    cos = F.cosine_similarity(heads[:, None], heads[None], dim=-1)
+    assert cos[~torch.eye(4, dtype=bool)].abs().max() < 0.1
+    # the offset cancels the initial update (up to the fp32 rounding of the stored mean head)
+    x = torch.randn(7, 256, dtype=torch.float64)
+    layer64 = layer.double().eval()
+    assert (layer64(x) - layer64.base(x)).abs().max() < 1e-7
+
+
+def test_rlora_multi_head_dropout_masks_differ_between_heads():
+    torch.manual_seed(0)
+    cfg = rlora.AdapterConfig(method="rlora", r=8, num_heads=3, dropout=0.5, zero_start_offset=False)
+    layer = LAYERS["rlora"](torch.nn.Linear(16, 16), cfg).train()
+    x = torch.randn(64, 16)
+    u = layer.rank_features(x).reshape(64, 3, 8)       # u_i = s * g_i * drop_i(A x)
+    masks = u != 0
+    assert not torch.equal(masks[:, 0], masks[:, 1]) and not torch.equal(masks[:, 1], masks[:, 2])
+    # each head keeps ~half of the rank activations and rescales them by 1/(1-p)
+    z = x @ layer.lora_A.t()
+    kept = u[:, 0][masks[:, 0]] / (layer.scaling / 3)
+    assert torch.allclose(kept, (z * 2)[masks[:, 0]], atol=1e-5)
+    assert 0.35 < masks.float().mean() < 0.65
+
+
+def test_dropout_is_on_x_for_lora_and_rank_space_for_rlora():
+    cfg = rlora.AdapterConfig(method="lora", r=4, dropout=0.5)
+    layer = LAYERS["lora"](torch.nn.Linear(8, 8), cfg).train()
+    x = torch.ones(1000, 8)
+    u = layer.rank_features(x)
+    # dropout on x: features vary across identical rows
+    assert u.std(dim=0).min() > 0
+
+
+def test_mtl_errors():
+    layer = make("mtl")
+    x = torch.randn(2, 3, D_IN)
+    with pytest.raises(AdapterError, match="needs per-sample task ids"):
+        layer(x)
+    with rlora.task_ids([0, 3]), pytest.raises(AdapterError, match="task id 3 is out of range"):
+        layer(x)
+    with rlora.task_ids([0, 1, 2]), pytest.raises(AdapterError, match="3 task ids for a batch of 2"):
+        layer(x)
+
+
+def test_only_adapter_parameters_train():
+    for method in LAYERS:
+        layer = make(method)
+        trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+        assert trainable and not any(n.startswith("base.") for n in trainable)
+        assert not layer.base.weight.requires_grad
+
+
+def test_backward_reaches_every_trainable_parameter():
+    for method in LAYERS:
+        layer = make(method).train()
+        with rlora.task_ids([0, 1]):
+            layer(torch.randn(2, 4, D_IN)).pow(2).sum().backward()
+        for n, p in layer.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and p.grad.abs().sum() > 0, (method, n)

@@ -1,0 +1,80 @@
+"""Ranks share one global draw: no example repeats across ranks within a task epoch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .conftest import ALL, SIZES, loss_feed, make
+
+
+def _global_sequence(strategy, world, composition, steps, bs=5, seed=3):
+    ranks = [make(strategy, batch_size=bs, world_size=world, rank=r, seed=seed,
+                  cfg_kw={"batch_composition": composition}) for r in range(world)]
+    seq = []
+    for step in range(steps):
+        for s in ranks:  # global slot order = rank order
+            seq.extend(s.next_batch())
+        for s in ranks:
+            s.update(loss_feed(step, 4), step=step + 1)
+    return seq, ranks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("strategy", ALL)
+@pytest.mark.parametrize("composition", ["mixed", "homogeneous"])
+def test_each_task_epoch_is_a_permutation_across_ranks(strategy, world, composition):
+    seq, ranks = _global_sequence(strategy, world, composition, steps=120)
+    per_task = [[i for t, i in seq if t == task] for task in range(4)]
+    epochs_done = 0
+    for task, idx in enumerate(per_task):
+        n = SIZES[task]
+        full = len(idx) // n
+        for e in range(full):  # every complete epoch holds each example exactly once
+            assert sorted(idx[e * n:(e + 1) * n]) == list(range(n))
+        tail = idx[full * n:]
+        assert len(set(tail)) == len(tail)  # the running epoch has no repeats either
+        epochs_done += full
+        assert ranks[0].epochs[task] == full
+        assert ranks[0].examples_seen[task] == len(idx)
+    assert epochs_done >= 4  # the check crossed epoch boundaries
+
+
+def test_ranks_agree_on_global_state_and_disjoint_slices():
+    seq, ranks = _global_sequence("temperature", 3, "mixed", steps=30)
+    assert len({r.step for r in ranks}) == 1
+    assert all(r.epochs == ranks[0].epochs for r in ranks)
+    np.testing.assert_array_equal(ranks[0].probabilities, ranks[2].probabilities)
+
+
+def test_rank_slices_are_the_single_process_global_batch():
+    """world_size=2, batch 4 ranks together == the same sampler's global draw seen from both."""
+    a = [make("proportional", batch_size=4, world_size=2, rank=r, seed=11) for r in range(2)]
+    b = [make("proportional", batch_size=4, world_size=2, rank=r, seed=11) for r in range(2)]
+    for _ in range(50):
+        assert a[0].next_batch() + a[1].next_batch() == b[0].next_batch() + b[1].next_batch()
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "uniform", "round_robin", "dynamic"])
+def test_homogeneous_batches_are_single_task(strategy):
+    s = make(strategy, batch_size=6, world_size=2, rank=1, cfg_kw={"batch_composition": "homogeneous"})
+    seen = set()
+    for _ in range(300):
+        b = s.next_batch()
+        assert len(b) == 6 and len({t for t, _ in b}) == 1
+        assert len({i for _, i in b}) == 6
+        seen.add(b[0][0])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_mixed_batches_mix_tasks_and_have_batch_size():
+    s = make("uniform", batch_size=8)
+    batches = [s.next_batch() for _ in range(50)]
+    assert all(len(b) == 8 for b in batches)
+    assert max(len({t for t, _ in b}) for b in batches) >= 3
+
+
+def test_seed_changes_the_draw_and_same_seed_repeats_it():
+    a, b, c = make("uniform", seed=1), make("uniform", seed=1), make("uniform", seed=2)
+    sa = [a.next_batch() for _ in range(20)]
+    assert sa == [b.next_batch() for _ in range(20)]
+    assert sa != [c.next_batch() for _ in range(20)]

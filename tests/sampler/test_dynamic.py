@@ -1,0 +1,122 @@
+"""The dynamic (DWA-style) balancer."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rlora.config import SamplerConfig
+from rlora.sampler import DynamicBalancer, SamplerError
+
+from .conftest import loss_feed, make
+
+EQUAL = [100, 100, 100]
+
+
+def _feed_plateau(s, steps, stalled=0):
+    for step in range(1, steps + 1):
+        losses = [2.0 * 0.95 ** step] * 3
+        losses[stalled] = 2.0
+        s.update(losses, step=step)
+
+
+def test_weight_moves_to_the_task_whose_loss_stops_falling():
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw={"dynamic_interval": 5, "dynamic_window": 5})
+    np.testing.assert_allclose(s.probabilities, [1 / 3] * 3)
+    _feed_plateau(s, 60, stalled=1)
+    p = s.probabilities
+    assert p[1] > 0.4 and p[1] > p[0] + 0.05 and p[1] > p[2] + 0.05
+    assert p[0] == pytest.approx(p[2])
+    # exact value: r = (1, 0.95^5, 1) ... the two decaying tasks share the same ratio
+    r = 0.95 ** 5
+    w = np.exp(np.array([r, 1.0, r]))
+    np.testing.assert_allclose(p, 0.95 * w / w.sum() + 0.05 / 3, rtol=1e-12)
+    np.testing.assert_allclose(s.loss_ratios, [r, 1.0, r], rtol=1e-12)
+
+
+def test_reweighting_happens_every_interval_and_is_logged():
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw={"dynamic_interval": 4, "dynamic_window": 1})
+    _feed_plateau(s, 12)
+    assert [h["step"] for h in s.history] == [0, 4, 8, 12]
+    assert s.history[-1]["probabilities"] == s.probabilities.tolist()
+
+
+def test_floor_keeps_every_task_alive():
+    cfg_kw = {"dynamic_interval": 1, "dynamic_window": 1, "dynamic_tau": 0.01, "dynamic_floor": 0.3}
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw=cfg_kw)
+    _feed_plateau(s, 20, stalled=2)
+    p = s.probabilities
+    assert p[2] > 0.75
+    assert p.min() >= 0.3 / 3 - 1e-12
+    assert p.sum() == pytest.approx(1.0)
+
+
+def test_starts_from_proportional_with_floor():
+    s = make("dynamic", sizes=[100, 300], names=None, cfg_kw={"dynamic_floor": 0.2})
+    np.testing.assert_allclose(s.probabilities, 0.8 * np.array([0.25, 0.75]) + 0.1)
+
+
+def test_nan_means_absent_and_too_little_history_is_neutral():
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw={"dynamic_interval": 1, "dynamic_window": 2})
+    for step in range(1, 6):
+        s.update([1.0 / step, float("nan"), 1.0 / step], step=step)
+    r = s.loss_ratios
+    assert r[1] == 1.0 and r[0] < 1.0  # task 1 never observed: counted as not improving
+    assert s.probabilities[1] > s.probabilities[0]
+
+
+def test_conflict_signal_boosts_the_task_against_the_rest():
+    c = np.array([[1.0, 0.5, -0.6], [0.5, 1.0, -0.4], [-0.6, -0.4, 1.0]])
+    cfg_kw = {"dynamic_interval": 1, "dynamic_window": 1, "dynamic_signal": "loss_ratio+conflict",
+              "dynamic_conflict_weight": 1.0, "dynamic_floor": 0.0}
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw=cfg_kw)
+    s.update([1.0, 1.0, 1.0], step=1, conflict=c)
+    p = s.probabilities
+    cbar = np.array([(0.5 - 0.6) / 2, (0.5 - 0.4) / 2, (-0.6 - 0.4) / 2])
+    w = np.exp(1.0 - cbar)
+    np.testing.assert_allclose(p, w / w.sum(), rtol=1e-12)
+    assert p.argmax() == 2
+    # loss_ratio alone ignores the matrix
+    s2 = make("dynamic", sizes=EQUAL, names=None, cfg_kw={**cfg_kw, "dynamic_signal": "loss_ratio"})
+    s2.update([1.0, 1.0, 1.0], step=1, conflict=c)
+    np.testing.assert_allclose(s2.probabilities, [1 / 3] * 3)
+
+
+def test_conflict_nan_entries_are_skipped():
+    cfg = SamplerConfig(strategy="dynamic", dynamic_signal="loss_ratio+conflict")
+    b = DynamicBalancer(np.array([1, 1, 1]), cfg)
+    m = b._conflict_means(np.array([[1, np.nan, -0.5], [np.nan, 1, np.nan], [-0.5, np.nan, 1]]))
+    np.testing.assert_allclose(m, [-0.5, 0.0, -0.5])
+
+
+def test_same_feed_same_probabilities_and_draws():
+    a = make("dynamic", cfg_kw={"dynamic_interval": 3, "dynamic_window": 2})
+    b = make("dynamic", cfg_kw={"dynamic_interval": 3, "dynamic_window": 2})
+    for step in range(100):
+        assert a.next_batch() == b.next_batch()
+        a.update(loss_feed(step, 4), step=step + 1)
+        b.update(loss_feed(step, 4), step=step + 1)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    assert not np.allclose(a.probabilities, a.history[0]["probabilities"])
+
+
+def test_update_is_a_no_op_for_static_strategies():
+    s = make("proportional")
+    p = s.probabilities
+    s.update([math.nan, 1.0, 2.0, 3.0], step=100)
+    np.testing.assert_array_equal(s.probabilities, p)
+    assert s.loss_ratios is None and len(s.history) == 1
+
+
+def test_bad_update_input():
+    s = make("dynamic", cfg_kw={"dynamic_signal": "loss_ratio+conflict"})
+    with pytest.raises(SamplerError, match=r"^update: task_losses has 2 values but there are 4 tasks: "
+                                           r"give one mean loss per task \(NaN when absent\)$"):
+        s.update([1.0, 2.0])
+    with pytest.raises(SamplerError, match=r"^update: conflict has shape \(2, 2\), expected \(4, 4\)"):
+        s.update([1.0] * 4, conflict=np.eye(2))
+    with pytest.raises(SamplerError, match=r"^update: step must be a non-negative integer, got -1$"):
+        s.update([1.0] * 4, step=-1)
+    with pytest.raises(SamplerError, match=r"^update: task_losses must be a sequence of floats"):
+        s.update(["a", "b", "c", "d"])

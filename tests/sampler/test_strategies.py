@@ -1,0 +1,118 @@
+"""Target distributions of the static strategies and the empirical task frequencies."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rlora.config import SamplerConfig
+from rlora.sampler import SamplerWarning, compute_probabilities, steps_per_epoch
+
+from .conftest import NAMES, SIZES, make, make_cfg
+
+N = np.array(SIZES, dtype=float)
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("proportional", N / N.sum()),
+        ("temperature", N ** 0.5 / (N ** 0.5).sum()),
+        ("capped", np.minimum(N, 100) / np.minimum(N, 100).sum()),
+        ("uniform", np.full(4, 0.25)),
+        ("round_robin", np.full(4, 0.25)),
+        ("probabilities", np.array([0.1, 0.2, 0.3, 0.4])),
+        ("dynamic", 0.95 * N / N.sum() + 0.05 / 4),
+    ],
+)
+def test_compute_probabilities(strategy, expected):
+    p = compute_probabilities(SIZES, make_cfg(strategy), NAMES)
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    assert p.sum() == pytest.approx(1.0)
+
+
+def test_temperature_limits_and_no_overflow():
+    sizes = [10, 10**9]
+    p1 = compute_probabilities(sizes, SamplerConfig(strategy="temperature", temperature=1.0))
+    np.testing.assert_allclose(p1, np.array(sizes) / sum(sizes))
+    p_cold = compute_probabilities(sizes, SamplerConfig(strategy="temperature", temperature=0.01))
+    assert np.isfinite(p_cold).all() and p_cold[1] == pytest.approx(1.0)
+    p_hot = compute_probabilities(sizes, SamplerConfig(strategy="temperature", temperature=1e6))
+    np.testing.assert_allclose(p_hot, [0.5, 0.5], atol=1e-4)
+
+
+def test_probabilities_not_summing_to_one_are_normalised_with_a_warning():
+    cfg = SamplerConfig(strategy="probabilities", probabilities={"qa": 2, "nli": 1, "sum": 1, "code": 0})
+    with pytest.warns(SamplerWarning, match=r"sum to 4, not 1: normalised to \[0.5, 0.25, 0.25, 0.0\]"):
+        p = compute_probabilities(SIZES, cfg, NAMES)
+    np.testing.assert_allclose(p, [0.5, 0.25, 0.25, 0.0])
+
+
+def test_zero_probability_task_is_never_drawn_and_ignored_by_budget():
+    cfg_kw = {"probabilities": {"qa": 0.5, "nli": 0.5, "sum": 0.0, "code": 0.0}}
+    s = make("probabilities", cfg_kw=cfg_kw, num_epochs=1)
+    batches = list(s)
+    tasks = {t for b in batches for t, _ in b}
+    assert tasks == {0, 1}
+    assert len(batches) == s.total_steps
+    assert s.examples_seen[0] >= 40 and s.examples_seen[1] >= 120
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "temperature", "capped", "uniform", "probabilities", "dynamic"])
+@pytest.mark.parametrize("composition", ["mixed", "homogeneous"])
+def test_empirical_frequencies_within_4_sigma(strategy, composition):
+    world, bs, steps = 2, 4, 3000
+    s = make(strategy, batch_size=bs, world_size=world, rank=0, cfg_kw={"batch_composition": composition})
+    others = make(strategy, batch_size=bs, world_size=world, rank=1, cfg_kw={"batch_composition": composition})
+    counts = np.zeros(4)
+    for _ in range(steps):
+        for b in (s.next_batch(), others.next_batch()):
+            if composition == "homogeneous":
+                counts[b[0][0]] += 1  # one independent draw per (step, rank) group
+            else:
+                for t, _ in b:
+                    counts[t] += 1
+    trials = steps * world * (1 if composition == "homogeneous" else bs)
+    p = s.probabilities
+    sigma = np.sqrt(trials * p * (1 - p))
+    assert np.all(np.abs(counts - trials * p) <= 4 * sigma), (counts / trials, p)
+
+
+def test_dynamic_frequencies_follow_reweighted_probabilities():
+    s = make("dynamic", batch_size=8, cfg_kw={"dynamic_interval": 5, "dynamic_window": 2, "dynamic_tau": 0.2})
+    for step in range(1, 6):  # task 0 plateaus, the rest halve -> one re-weighting at step 5
+        s.update([1.0] + [0.5 ** step] * 3, step=step)
+    p = s.probabilities
+    assert p[0] > 0.5
+    counts, steps = np.zeros(4), 2000
+    for _ in range(steps):
+        for t, _ in s.next_batch():
+            counts[t] += 1
+    trials = steps * 8
+    assert np.all(np.abs(counts - trials * p) <= 4 * np.sqrt(trials * p * (1 - p)))
+
+
+@pytest.mark.parametrize("composition", ["mixed", "homogeneous"])
+def test_round_robin_order(composition):
+    world, bs = 2, 3
+    ranks = [make("round_robin", batch_size=bs, world_size=world, rank=r,
+                  cfg_kw={"batch_composition": composition}) for r in range(world)]
+    for step in range(6):
+        for r, s in enumerate(ranks):
+            tasks = [t for t, _ in s.next_batch()]
+            if composition == "mixed":
+                expected = [(step * world * bs + r * bs + j) % 4 for j in range(bs)]
+            else:
+                expected = [(step * world + r) % 4] * bs
+            assert tasks == expected
+
+
+def test_round_robin_first_batches_literal():
+    s = make("round_robin", batch_size=3)
+    assert [[t for t, _ in s.next_batch()] for _ in range(3)] == [[0, 1, 2], [3, 0, 1], [2, 3, 0]]
+
+
+def test_steps_per_epoch_helper():
+    p = np.array([0.5, 0.5])
+    assert steps_per_epoch([100, 300], p, 10, "first_exhausted") == pytest.approx(20.0)
+    assert steps_per_epoch([100, 300], p, 10, "all_exhausted") == pytest.approx(60.0)
+    assert steps_per_epoch([100, 300], [1.0, 0.0], 10, "all_exhausted") == pytest.approx(10.0)
