@@ -214,6 +214,7 @@ class TrainerConfig(_Section):
     per_device_eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
     seed: int = 42
     bf16: bool = False
     output_dir: str = "outputs"

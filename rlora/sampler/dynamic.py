@@ -33,6 +33,7 @@ function of the feed, so equal feeds give equal probabilities on every rank and 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Sequence
 
 import numpy as np
@@ -51,6 +52,7 @@ class DynamicBalancer:
     def __init__(self, task_sizes: np.ndarray, cfg: SamplerConfig):
         self.num_tasks = len(task_sizes)
         self.prior = proportional(task_sizes)
+        self._log_prior_list = np.log(self.prior).tolist()
         self.tau = float(cfg.dynamic_tau)
         self.floor = float(cfg.dynamic_floor)
         self.interval = int(cfg.dynamic_interval)
@@ -65,7 +67,7 @@ class DynamicBalancer:
             raise SamplerError(
                 f"sampler.dynamic_interval and dynamic_window must be >= 1, got {self.interval} and {self.window}"
             )
-        self.losses: list[list[float]] = [[] for _ in range(self.num_tasks)]
+        self.losses: list[deque] = [deque(maxlen=2 * self.window) for _ in range(self.num_tasks)]
         self.conflict = np.zeros(self.num_tasks)
         self.ratios = np.ones(self.num_tasks)
         self.last_reweight_step = 0
@@ -78,14 +80,17 @@ class DynamicBalancer:
 
     def loss_ratios(self) -> np.ndarray:
         """``r_t`` [T] from the kept loss history (1 where not enough observations)."""
+        return np.array(self._ratio_list())
+
+    def _ratio_list(self) -> list[float]:
         w = self.window
-        r = np.ones(self.num_tasks)
+        r = [1.0] * self.num_tasks
         for t, h in enumerate(self.losses):
-            if len(h) >= 2 * w:
-                old = sum(h[-2 * w : -w]) / w
-                new = sum(h[-w:]) / w
+            if len(h) == 2 * w:  # h holds at most the last 2W observations
+                vals = list(h)
+                old = sum(vals[:w])
                 if old > 0:
-                    r[t] = new / old
+                    r[t] = sum(vals[w:]) / old  # = mean(new window) / mean(old window)
         return r
 
     def observe(self, task_losses: Sequence[float], step: int, conflict: np.ndarray | None = None) -> bool:
@@ -93,23 +98,23 @@ class DynamicBalancer:
 
         Returns True when the probabilities were recomputed."""
         try:
-            losses = np.asarray(task_losses, dtype=np.float64).reshape(-1)
+            if isinstance(task_losses, (list, tuple)):
+                values = [float(v) for v in task_losses]
+            else:
+                values = np.asarray(task_losses, dtype=np.float64).reshape(-1).tolist()
         except (TypeError, ValueError):
             raise SamplerError("update: task_losses must be a sequence of floats (NaN for an absent task)") from None
-        if losses.shape[0] != self.num_tasks:
+        if len(values) != self.num_tasks:
             raise SamplerError(
-                f"update: task_losses has {losses.shape[0]} values but there are {self.num_tasks} tasks: "
+                f"update: task_losses has {len(values)} values but there are {self.num_tasks} tasks: "
                 "give one mean loss per task (NaN when absent)"
             )
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise SamplerError(f"update: step must be a non-negative integer, got {step!r}")
-        keep = 2 * self.window
-        for t, v in enumerate(losses.tolist()):
-            if math.isfinite(v):
-                h = self.losses[t]
+        isfinite = math.isfinite
+        for h, v in zip(self.losses, values):
+            if isfinite(v):
                 h.append(v)
-                if len(h) > keep:
-                    del h[: len(h) - keep]
         if conflict is not None and self.use_conflict:
             self.conflict = self._conflict_means(conflict)
         if int(step) - self.last_reweight_step >= self.interval:
@@ -138,13 +143,20 @@ class DynamicBalancer:
         return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
 
     def reweight(self, step: int) -> np.ndarray:
-        self.ratios = self.loss_ratios()
-        signal = self.ratios - (self.conflict_weight * self.conflict if self.use_conflict else 0.0)
-        logits = np.log(self.prior) + signal / self.tau
-        w = np.exp(logits - logits.max())
-        self.probabilities = self._mix(w / w.sum())
+        # plain floats: T is small and this runs once per interval
+        r = self._ratio_list()
+        beta = self.conflict_weight if self.use_conflict else 0.0
+        conflict = self.conflict.tolist()
+        tau, num, floor = self.tau, self.num_tasks, self.floor
+        logits = [lp + (rt - beta * ct) / tau for lp, rt, ct in zip(self._log_prior_list, r, conflict)]
+        top = max(logits)
+        w = [math.exp(x - top) for x in logits]
+        z = sum(w)
+        probs = [(1.0 - floor) * x / z + floor / num for x in w]
+        self.ratios = np.array(r)
+        self.probabilities = np.array(probs)
         self.last_reweight_step = int(step)
-        self.history.append({"step": int(step), "probabilities": self.probabilities.tolist()})
+        self.history.append({"step": int(step), "probabilities": probs})
         if len(self.history) > HISTORY_LIMIT:
             del self.history[: len(self.history) - HISTORY_LIMIT]
         return self.probabilities
@@ -162,7 +174,7 @@ class DynamicBalancer:
 
     def load_state_dict(self, state: dict) -> None:
         try:
-            losses = [[float(v) for v in h] for h in state["losses"]]
+            losses = [deque((float(v) for v in h), maxlen=2 * self.window) for h in state["losses"]]
             conflict = np.asarray(state["conflict"], dtype=np.float64)
             ratios = np.asarray(state["ratios"], dtype=np.float64)
             probs = np.asarray(state["probabilities"], dtype=np.float64)

@@ -12,7 +12,8 @@ keeps its slice ``[rank * batch_size, (rank + 1) * batch_size)``:
    (:class:`~rlora.sampler.streams.PermutationStore`, keyed by ``(seed, t, epoch)``). Its cursor
    advances by the number of global slots ``t`` got; slots are served in global slot order, so
    the ranks never share an example index within a task epoch. A task that reaches the end of
-   its permutation continues with the next epoch's permutation.
+   its permutation continues with the next epoch's permutation (so a micro-batch that straddles
+   an epoch boundary of a small task may hold one example twice, once from each epoch).
 
 Steps are computed in vectorised chunks (up to a 256-step block, or ``dynamic_interval`` steps
 for ``dynamic``); a probability change discards the rest of the chunk, which is exact because a
@@ -138,6 +139,9 @@ class TaskSampler:
         self._draws = self.world_size if self.homogeneous else self.global_batch_size
         self._stream = UniformStream(self.seed, self._draws)
         self._perms = PermutationStore(self.seed, sizes)
+        self._sizes_list = sizes.tolist()
+        # row offset (step within chunk * T) of every flat slot, for the per-step bincount
+        self._row_keys = np.arange(BLOCK_STEPS, dtype=np.int64).repeat(self.global_batch_size) * self.num_tasks
         self._set_cdf()
         self._step = 0
         self._base_step = 0
@@ -336,7 +340,8 @@ class TaskSampler:
     def _set_cdf(self) -> None:
         cdf = np.cumsum(self._probs)
         self._cdf = cdf / cdf[-1]
-        self._last_task = int(np.flatnonzero(self._probs > 0)[-1])
+        probs = self._probs.tolist()
+        self._last_task = max(t for t, p in enumerate(probs) if p > 0)  # never drawn past it
 
     def _consumed_now(self) -> np.ndarray:
         c = self._chunk
@@ -371,6 +376,12 @@ class TaskSampler:
             ids = np.repeat(ids, b, axis=1)
         return ids
 
+    def _per_step_counts(self, flat: np.ndarray, steps: int) -> np.ndarray:
+        """``[steps, T]`` slots per task of each step, from the flat ``[steps * S]`` task ids."""
+        n = steps * self.global_batch_size
+        keys = self._row_keys[:n] + flat
+        return np.bincount(keys, minlength=steps * self.num_tasks).reshape(steps, self.num_tasks)
+
     def _chunk_len(self, s: int) -> int:
         n = BLOCK_STEPS - s % BLOCK_STEPS
         if self._dynamic is not None:
@@ -380,26 +391,28 @@ class TaskSampler:
         return n
 
     def _build_chunk(self, s: int) -> _Chunk:
-        base = self._consumed_now() if self._chunk is not None else self._base_consumed
-        base = base.copy()
+        base = self._consumed_now().copy()
         self._base_step, self._base_consumed = s, base
         p, t_n, gs = self._chunk_len(s), self.num_tasks, self.global_batch_size
         ids = self._draw_tasks(s, p)  # [P, S]
         flat = ids.ravel()
-        per_step = np.bincount(
-            (np.arange(p, dtype=np.int64).repeat(gs) * t_n + flat), minlength=p * t_n
-        ).reshape(p, t_n)
+        per_step = self._per_step_counts(flat, p)
+        per_step[0] += base
         consumed = np.empty((p + 1, t_n), dtype=np.int64)
         consumed[0] = base
         np.cumsum(per_step, axis=0, out=consumed[1:])
-        consumed[1:] += base
         totals = consumed[-1] - base
         order = np.argsort(flat, kind="stable")  # slots grouped by task, in global slot order
-        starts = np.cumsum(totals) - totals
-        picked = np.empty(flat.shape[0], dtype=np.int64)
-        for t in np.flatnonzero(totals).tolist():
-            a = int(starts[t])
-            picked[a : a + int(totals[t])] = self._perms.take(t, int(base[t]), int(totals[t]))
+        parts = []
+        sizes, perms = self._sizes_list, self._perms
+        for t, start, k in zip(range(t_n), base.tolist(), totals.tolist()):
+            if k:
+                epoch, off = divmod(start, sizes[t])
+                if off + k <= sizes[t]:  # common case: inside the current epoch
+                    parts.append(perms.perm(t, epoch)[off : off + k])
+                else:
+                    parts.append(perms.take(t, start, k))
+        picked = np.concatenate(parts)  # grouped by task, like `order`
         index = np.empty_like(picked)
         index[order] = picked
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
@@ -424,15 +437,13 @@ class TaskSampler:
             return max(1, math.ceil(self.num_epochs * spe - 1e-9))
         # replay the task draws from step 0 (they do not depend on the examples)
         consumed = np.zeros(self.num_tasks, dtype=np.int64)
-        s, t_n, gs = 0, self.num_tasks, self.global_batch_size
+        s = 0
         quota, active = self._quota, self._active
         while True:
             p = BLOCK_STEPS - s % BLOCK_STEPS
-            ids = self._draw_tasks(s, p)
-            per_step = np.bincount(
-                np.arange(p, dtype=np.int64).repeat(gs) * t_n + ids.ravel(), minlength=p * t_n
-            ).reshape(p, t_n)
-            cum = np.cumsum(per_step, axis=0) + consumed  # consumed after steps s .. s+p-1
+            per_step = self._per_step_counts(self._draw_tasks(s, p).ravel(), p)
+            per_step[0] += consumed
+            cum = np.cumsum(per_step, axis=0)  # consumed after steps s .. s+p-1
             done = cum[:, active] >= quota[active]
             hit = done.any(axis=1) if self.cfg.stopping_strategy == "first_exhausted" else done.all(axis=1)
             if hit.any():

@@ -56,13 +56,17 @@ def test_rank_slices_are_the_single_process_global_batch():
 
 @pytest.mark.parametrize("strategy", ["proportional", "uniform", "round_robin", "dynamic"])
 def test_homogeneous_batches_are_single_task(strategy):
-    s = make(strategy, batch_size=6, world_size=2, rank=1, cfg_kw={"batch_composition": "homogeneous"})
+    # sizes are multiples of the batch, so no micro-batch straddles an epoch boundary and the
+    # examples inside one micro-batch are distinct as well
+    ranks = [make(strategy, sizes=[36, 120, 300, 72], batch_size=6, world_size=2, rank=r,
+                  cfg_kw={"batch_composition": "homogeneous"}) for r in range(2)]
     seen = set()
     for _ in range(300):
-        b = s.next_batch()
-        assert len(b) == 6 and len({t for t, _ in b}) == 1
-        assert len({i for _, i in b}) == 6
-        seen.add(b[0][0])
+        for s in ranks:
+            b = s.next_batch()
+            assert len(b) == 6 and len({t for t, _ in b}) == 1
+            assert len({i for _, i in b}) == 6
+            seen.add(b[0][0])
     assert seen == {0, 1, 2, 3}
 
 
@@ -78,3 +82,11 @@ def test_seed_changes_the_draw_and_same_seed_repeats_it():
     sa = [a.next_batch() for _ in range(20)]
     assert sa == [b.next_batch() for _ in range(20)]
     assert sa != [c.next_batch() for _ in range(20)]
+
+
+def test_each_epoch_is_reshuffled():
+    s = make("uniform", sizes=[20, 20], names=None, batch_size=10)
+    seq = [b for _ in range(40) for b in s.next_batch()]
+    task0 = [i for t, i in seq if t == 0]
+    epochs = [tuple(task0[e * 20:(e + 1) * 20]) for e in range(len(task0) // 20)]
+    assert len(epochs) >= 5 and len(set(epochs)) == len(epochs)

@@ -26,7 +26,7 @@ def test_weight_moves_to_the_task_whose_loss_stops_falling():
     np.testing.assert_allclose(s.probabilities, [1 / 3] * 3)
     _feed_plateau(s, 60, stalled=1)
     p = s.probabilities
-    assert p[1] > 0.4 and p[1] > p[0] + 0.05 and p[1] > p[2] + 0.05
+    assert p[1] > 0.38 and p[1] > p[0] + 0.07 and p[1] > p[2] + 0.07
     assert p[0] == pytest.approx(p[2])
     # exact value: r = (1, 0.95^5, 1) ... the two decaying tasks share the same ratio
     r = 0.95 ** 5

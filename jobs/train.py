@@ -1,0 +1,31 @@
+"""Entrypoint for `ray job submit`: a multi-task fine-tune from a YAML config (+ dotted overrides).
+
+Example (a local head started with `ray start --head --dashboard-host 127.0.0.1`):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/train.py --config examples/configs/cpu_demo.yaml trainer.max_steps=20
+
+Inside a Ray job, RAY_ADDRESS is set, so the trainer connects to that cluster instead of starting one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working_dir holds the package
+
+from rlora.cli import main  # noqa: E402
+
+
+def parse(argv: list[str]) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
+    a = p.parse_args(argv)
+    return (["--debug"] if a.debug else []) + ["train", a.config, *a.overrides]
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse(sys.argv[1:])))

@@ -1,0 +1,114 @@
+"""``rlora`` command line: train, evaluate, export, register, submit.
+
+User errors print one line (``error: ...``) and exit 2 with no traceback; ``--debug`` shows it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+
+
+def _user_errors() -> tuple[type, ...]:
+    from .config import ConfigError
+    from .data import DataError
+    from .layers import AdapterError
+    from .models import ModelLoadError
+    from .sampler import SamplerError
+    from .tracking.mlflow_tracker import TrackingError
+    from .train.checkpoint import CheckpointError
+
+    errs = [ConfigError, DataError, AdapterError, ModelLoadError, SamplerError, TrackingError, CheckpointError]
+    try:
+        from .export import ExportError
+
+        errs.append(ExportError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.launcher import results_table, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    text = Path(args.config).read_text(encoding="utf-8")
+    result = run_training(cfg, config_yaml=text)
+    s = result.summary
+    print("\n[rlora] per-task dev accuracy (examples not trained on):")
+    print(results_table(s))
+    if s.get("time_to_first_step_s") is not None:
+        print(f"[rlora] steps {s.get('global_step')}/{s.get('total_steps')}, time to first step "
+              f"{s['time_to_first_step_s']:.1f}s, last train loss {s.get('train_loss_last') or float('nan'):.4f}")
+    print(f"[rlora] adapter: {result.adapter_dir}")
+    print(f"[rlora] checkpoint: {result.checkpoint_dir}")
+    if result.mlflow_run_id:
+        print(f"[rlora] MLflow run: {result.mlflow_run_id} (tracking URI {result.tracking_uri}); browse with "
+              f"`mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1`")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlora", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="multi-task fine-tune with Ray Train + DeepSpeed")
+    t.add_argument("config", help="YAML run config (e.g. examples/configs/cpu_demo.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20 adapter.r=16")
+    t.set_defaults(fn=cmd_train)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def extra_command(fn: Callable[[argparse._SubParsersAction], None]):
+    """Other modules add sub-commands with this decorator (imported in :func:`main`)."""
+    _EXTRA_COMMANDS.append(fn)
+    return fn
+
+
+def _load_extra_commands() -> None:
+    for mod in ("rlora.export.cli", "rlora.jobs_cli"):
+        try:
+            __import__(mod)
+        except ImportError:
+            pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    _load_extra_commands()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("RLORA_DEBUG") == "1"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        if debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a training failure from Ray, an internal error
+        if debug:
+            raise
+        name = type(err).__name__
+        text = str(err).strip().splitlines()
+        print(f"error: {name}: {text[0] if text else ''} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Training micro-batches: left-padded so that every row's answer ends at the last position, and the
+LM head (a 49k-vocabulary matmul) runs only on the last ``K + 1`` positions that predict answer tokens."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..data import IGNORE_INDEX, collate, per_task_loss
+
+
+def left_padded_batch(features: Sequence[dict], pad_token_id: int, task_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+    """``collate`` (right padding) rolled to left padding, with position ids and ``logits_to_keep``.
+
+    Returns input_ids, attention_mask, labels [B, L], position_ids [B, L], task_ids [B] and
+    ``keep`` = 1 + the longest answer (tokens with a label), the number of tail positions whose
+    logits are needed for the loss.
+    """
+    b = collate(features, pad_token_id, task_ids)
+    mask = b["attention_mask"]
+    width = mask.shape[1]
+    shift = width - mask.sum(dim=1, keepdim=True)
+    idx = (torch.arange(width).unsqueeze(0) - shift) % width
+    out = {k: torch.gather(b[k], 1, idx) for k in ("input_ids", "attention_mask", "labels")}
+    out["position_ids"] = (out["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
+    out["task_ids"] = b["task_ids"]
+    answer = (out["labels"] != IGNORE_INDEX).sum(dim=1).max().item()
+    out["keep"] = min(width, int(answer) + 1)
+    out["tokens"] = int(mask.sum())
+    return out
+
+
+def forward_loss(model, batch: dict, num_tasks: int):
+    """Mean next-token loss over answer tokens, plus (loss_sum, count) per task for logging/balancing."""
+    from ..context import task_ids
+
+    with task_ids(batch["task_ids"]):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
+    labels = batch["labels"][:, -batch["keep"]:].to(out.logits.device)
+    loss_sum, count = per_task_loss(out.logits, labels, batch["task_ids"], num_tasks)
+    loss = loss_sum.sum() / count.sum().clamp(min=1)
+    return loss, loss_sum.detach(), count.detach()

@@ -1,0 +1,83 @@
+"""Training checkpoints: DeepSpeed's sharded checkpoint of the adapter + optimizer, the sampler state,
+the global step, the MLflow run id and each rank's RNG state.
+
+Layout of one checkpoint directory (every rank writes its own files; Ray merges them)::
+
+    ds/                          DeepSpeed tag "ds" (frozen base weights excluded)
+    latest                       DeepSpeed's pointer file
+    trainer_state.json           rank 0: global_step, sampler, mlflow_run_id, run_name, complete=true
+    rng/rank{r}.safetensors      per rank: torch CPU (and CUDA) RNG state
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE = "trainer_state.json"
+TAG = "ds"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or corrupted (one line, names the path)."""
+
+
+def save(engine, directory: Path, rank: int, state: dict[str, Any]) -> None:
+    """All ranks: DeepSpeed shards + own RNG; rank 0 also writes the trainer state (last, atomically)."""
+    engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    (directory / "rng").mkdir(parents=True, exist_ok=True)
+    save_file(rng, str(directory / "rng" / f"rank{rank}.safetensors"))
+    if rank == 0:
+        tmp = directory / (STATE + ".tmp")
+        tmp.write_text(json.dumps({**state, "complete": True}, indent=1))
+        os.replace(tmp, directory / STATE)
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    f = Path(directory) / STATE
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {STATE}: it is incomplete; delete it to start over")
+    try:
+        state = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {f} is corrupted (invalid JSON): delete the checkpoint") from None
+    if not state.get("complete") or "global_step" not in state:
+        raise CheckpointError(f"checkpoint {f} is incomplete: delete the checkpoint to start over")
+    if not (Path(directory) / TAG).is_dir():
+        raise CheckpointError(f"checkpoint {directory} has no DeepSpeed shards ({TAG}/): it is truncated")
+    return state
+
+
+def load(engine, directory: Path, rank: int) -> dict[str, Any]:
+    """All ranks: restore adapter, optimizer, LR schedule and RNG; returns the trainer state."""
+    directory = Path(directory)
+    state = read_state(directory)
+    try:
+        path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {directory} could not be loaded ({type(err).__name__}: "
+                              f"{str(err)[:200]}): it is truncated or corrupted") from None
+    if path is None:
+        raise CheckpointError(f"checkpoint {directory}: DeepSpeed found no shards to load")
+    rng_file = directory / "rng" / f"rank{rank}.safetensors"
+    if rng_file.is_file():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def latest_in(storage: Path) -> Optional[Path]:
+    """The newest complete checkpoint directory under a run's storage folder (for `--resume`)."""
+    cands = sorted((p for p in Path(storage).glob("checkpoint_*") if (p / STATE).is_file()),
+                   key=lambda p: read_state(p)["global_step"])
+    return cands[-1] if cands else None

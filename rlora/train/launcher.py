@@ -1,0 +1,224 @@
+"""The driver: validate everything that can be validated before a worker starts, then run a Ray Train
+``TorchTrainer`` whose workers each drive a DeepSpeed engine (``worker.train_loop_per_worker``).
+
+    preflight (config, data, sampler, model + target modules, resources, MLflow)
+        -> ray.init (local, or ray.address) -> TorchTrainer.fit() -> adapter + results in output_dir
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import yaml
+
+from ..config import ConfigError, RunConfig
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    adapter_dir: Optional[Path]
+    checkpoint_dir: Optional[str]
+    mlflow_run_id: Optional[str]
+    tracking_uri: Optional[str]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return cfg.trainer.run_name or f"{cfg.adapter.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_path(cfg: RunConfig) -> str:
+    return cfg.ray.storage_path or str(Path(cfg.trainer.output_dir).resolve() / "ray_results")
+
+
+def is_local_path(path: str) -> bool:
+    return urlparse(path).scheme in ("", "file")
+
+
+def preflight(cfg: RunConfig) -> RunConfig:
+    """Checks that need no worker. Fills ``adapter.tasks`` from the data when empty. Raises one-line errors."""
+    import torch
+
+    from ..data import load_tasks
+    from ..inject import inject
+    from ..layers import AdapterError
+    from ..sampler import TaskSampler
+
+    if not cfg.data.path and not cfg.data.tasks:
+        raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task "
+                          "(e.g. examples/data/bigbench_default)")
+    train = load_tasks(cfg.data, "train")
+    load_tasks(cfg.data, cfg.eval.split)
+    names = list(train)
+    if not cfg.adapter.tasks:
+        cfg.adapter.tasks = names
+    elif list(cfg.adapter.tasks) != names:
+        raise ConfigError(f"adapter.tasks {cfg.adapter.tasks} differ from the data's tasks {names}: "
+                          "remove adapter.tasks or list the same tasks in the same order")
+    t = cfg.trainer
+    TaskSampler([len(v) for v in train.values()], cfg.sampler, batch_size=t.per_device_train_batch_size,
+                rank=0, world_size=cfg.ray.num_workers, seed=t.seed, task_names=names,
+                max_steps=t.max_steps, num_epochs=t.num_train_epochs)
+    # model: the weights are prepared once here (not raced by the workers); the target modules are
+    # checked against a meta-device copy, which allocates nothing
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path)[0]
+    mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        inject(skeleton, cfg.adapter)
+    except AdapterError as err:
+        raise ConfigError(f"adapter: {err}") from None
+    return cfg
+
+
+def check_resources(cfg: RunConfig, storage: str) -> None:
+    import ray
+
+    res = ray.cluster_resources()
+    per = dict(cfg.ray.resources_per_worker)
+    if cfg.ray.use_gpu:
+        per.setdefault("GPU", 1)
+    for key, amount in per.items():
+        need, have = amount * cfg.ray.num_workers, res.get(key, 0)
+        if need > have:
+            fix = "set ray.use_gpu=false" if key == "GPU" else f"lower ray.num_workers or ray.resources_per_worker.{key}"
+            raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} x {key}={amount} needs {need:g} {key} but the "
+                              f"Ray cluster has {have:g}: {fix}")
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1 and is_local_path(storage) and not os.environ.get("RLORA_SHARED_LOCAL_STORAGE"):
+        raise ConfigError(f"ray.storage_path={storage} is a local path but the cluster has {len(alive)} nodes: use "
+                          "shared storage (s3://, gs://, or an NFS mount with RLORA_SHARED_LOCAL_STORAGE=1)")
+
+
+def _ray_init(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RLORA_CACHE", "RLORA_SMOLLM2_WHEEL", "MLFLOW_TRACKING_URI",
+                                      "HF_HOME", "RLORA_SHARED_LOCAL_STORAGE") if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", str(int(cfg.ray.resources_per_worker.get("CPU", 1))))
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(runtime_env={"env_vars": env}, include_dashboard=False, dashboard_host=cfg.ray.dashboard_host,
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResult:
+    """Train as configured. Everything that can fail fast fails before a worker starts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..distributed import rank0_print  # noqa: F401  (driver prints freely; it is not a rank)
+    from ..tracking import mlflow_tracker
+
+    cfg = preflight(cfg)
+    run_name = default_run_name(cfg)
+    storage = storage_path(cfg)
+    _ray_init(cfg)
+    check_resources(cfg, storage)
+    if is_local_path(storage):
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    run: dict[str, Any] = {"run_name": run_name, "storage_dir": str(Path(storage) / run_name)
+                           if is_local_path(storage) else tempfile.gettempdir()}
+    uri = None
+    if cfg.mlflow.enabled:
+        uri = mlflow_tracker.resolve(cfg)[0]
+        cfg_yaml = config_yaml or yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        run["mlflow_run_id"], resumed = mlflow_tracker.start_or_resume_run(cfg, run_name, cfg_yaml)
+        run["tracking_uri"] = uri
+        print(f"[rlora] MLflow run {run['mlflow_run_id']} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
+
+    trainer = TorchTrainer(
+        _entry,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run": run},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=dict(cfg.ray.resources_per_worker)),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=RayRunConfig(name=run_name, storage_path=storage,
+                                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
+    )
+    print(f"[rlora] run {run_name}: {cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.stage}, "
+          f"method {cfg.adapter.method}, tasks {cfg.adapter.tasks}; checkpoints in {storage}/{run_name}", flush=True)
+    result = trainer.fit()
+    return _finish(cfg, run, result, uri)
+
+
+def _entry(payload: dict) -> None:
+    from .worker import train_loop_per_worker
+
+    train_loop_per_worker(payload)
+
+
+def _finish(cfg: RunConfig, run: dict, result, uri: Optional[str]) -> TrainResult:
+    from ..tracking import mlflow_tracker
+
+    ck = result.checkpoint
+    summary: dict[str, Any] = {}
+    adapter_dir = None
+    if ck is not None:
+        with ck.as_directory() as d:
+            d = Path(d)
+            if (d / "results.json").is_file():
+                summary = json.loads((d / "results.json").read_text())
+            if (d / "adapter").is_dir():
+                out = Path(cfg.trainer.output_dir).resolve() / run["run_name"] / "adapter"
+                tmp = out.parent / f".adapter.tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(d / "adapter", tmp)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+                adapter_dir = out
+    if run.get("mlflow_run_id") and uri:
+        tracker = mlflow_tracker.Tracker(uri, run["mlflow_run_id"])
+        if adapter_dir is not None and cfg.mlflow.log_artifacts:
+            tracker.log_artifacts(str(adapter_dir), "adapter")
+        if summary:
+            tracker.log_dict(summary, "results.json")
+        tracker.finish("FINISHED")
+    return TrainResult(run["run_name"], adapter_dir, ck.path if ck else None, run.get("mlflow_run_id"), uri, summary)
+
+
+def results_table(summary: dict) -> str:
+    """Per-task dev accuracy before and after training, as a Markdown table."""
+    before, after = summary.get("results_before") or {}, summary.get("results_after") or {}
+    tasks = list(after or before)
+    if not tasks:
+        return "(no evaluation results)"
+    lines = ["| task | n | accuracy before | accuracy after | change | dev loss after |", "|---|---:|---:|---:|---:|---:|"]
+    accs_b, accs_a = [], []
+    for tname in tasks:
+        b, a = before.get(tname, {}), after.get(tname, {})
+        ab, aa = b.get("accuracy"), a.get("accuracy")
+        accs_b += [ab] if ab is not None else []
+        accs_a += [aa] if aa is not None else []
+        ch = f"{100 * (aa - ab):+.1f}" if ab is not None and aa is not None else ""
+        fmt = lambda v: f"{100 * v:.1f}" if v is not None else ""  # noqa: E731
+        loss = a.get("loss")
+        lines.append(f"| {tname} | {int(a.get('n', b.get('n', 0)))} | {fmt(ab)} | {fmt(aa)} | {ch} | "
+                     f"{'' if loss is None else f'{loss:.3f}'} |")
+    if accs_a:
+        mb = sum(accs_b) / len(accs_b) if accs_b else None
+        ma = sum(accs_a) / len(accs_a)
+        lines.append(f"| **mean** | | {'' if mb is None else f'{100 * mb:.1f}'} | {100 * ma:.1f} | "
+                     f"{'' if mb is None else f'{100 * (ma - mb):+.1f}'} | |")
+    return "\n".join(lines)
