@@ -222,7 +222,8 @@ class TrainerConfig(_Section):
     logging_steps: int = 5
     save_steps: int = 50
     save_total_limit: int = 2
-    resume_from_checkpoint: Optional[str] = Field(None, description="'auto', a checkpoint path, or null")
+    resume_from_checkpoint: Optional[str] = Field(
+        None, description="unset/'auto': the newest checkpoint of the same run name; 'never'; or a checkpoint path")
     fail_at_step: Optional[int] = Field(None, description="fault injection: a worker dies once at this step")
 
     @field_validator("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")

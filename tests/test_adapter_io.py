@@ -6,7 +6,7 @@ import torch
 
 import rlora
 from rlora.layers import AdapterError
-from conftest import tiny_llama
+from helpers import tiny_llama
 from test_inject import TASKS, perturb
 
 

@@ -4,7 +4,7 @@ import torch
 
 import rlora
 from rlora.layers import AdapterError
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 METHODS = ["lora", "hydra", "rlora", "mtl"]
 TASKS = ["qa", "math", "sentiment"]

@@ -103,6 +103,21 @@ def check_resources(cfg: RunConfig, storage: str) -> None:
                           "shared storage (s3://, gs://, or an NFS mount with RLORA_SHARED_LOCAL_STORAGE=1)")
 
 
+def find_resume_checkpoint(cfg: RunConfig, storage: str, run_name: str) -> Optional[str]:
+    """The checkpoint a run starts from: ``trainer.resume_from_checkpoint`` if it is a path, else (``auto``
+    or unset) the newest complete checkpoint of the same run name in the storage path, if any."""
+    from . import checkpoint as ckpt
+
+    want = cfg.trainer.resume_from_checkpoint
+    if want and want not in ("auto", "never"):
+        ckpt.read_state(Path(want))  # a clear error now if it is incomplete or corrupted
+        return str(Path(want).resolve())
+    if want == "never" or not is_local_path(storage):
+        return None  # remote storage: Ray Train restores its own latest checkpoint of the run
+    found = ckpt.latest_in(Path(storage) / run_name)
+    return str(found) if found else None
+
+
 def _ray_init(cfg: RunConfig) -> None:
     import ray
 
@@ -137,6 +152,9 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResu
         Path(storage).mkdir(parents=True, exist_ok=True)
     run: dict[str, Any] = {"run_name": run_name, "storage_dir": str(Path(storage) / run_name)
                            if is_local_path(storage) else tempfile.gettempdir()}
+    run["resume_from"] = find_resume_checkpoint(cfg, storage, run_name)
+    if run["resume_from"]:
+        print(f"[rlora] run {run_name} has a checkpoint: resuming from {run['resume_from']}", flush=True)
     uri = None
     if cfg.mlflow.enabled:
         uri = mlflow_tracker.resolve(cfg)[0]

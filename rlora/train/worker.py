@@ -130,8 +130,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if ray_ckpt is not None:
         resume_ctx = ray_ckpt.as_directory()
         resume_dir = Path(resume_ctx.__enter__())
-    elif t.resume_from_checkpoint:
-        resume_dir = Path(t.resume_from_checkpoint)
+    elif run.get("resume_from"):
+        resume_dir = Path(run["resume_from"])  # a driver restart: the newest checkpoint of this run
     if resume_dir is not None:
         state = ckpt.load(engine, resume_dir, rank)
         global_step = resumed_from = int(state["global_step"])

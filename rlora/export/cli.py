@@ -1,0 +1,59 @@
+"""``rlora export`` and ``rlora register`` sub-commands (added to ``rlora.cli`` by ``extra_command``)."""
+from __future__ import annotations
+
+import argparse
+
+from ..cli import extra_command
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .api import REPORT_NAME, export
+
+    out = export(args.source, task=args.task, format=args.format, out=args.out, data=args.data,
+                 base_model=args.base_model, tracking_uri=args.tracking_uri, max_examples=args.max_examples,
+                 max_length=args.max_length, overwrite=args.overwrite)
+    report = json.loads((out / REPORT_NAME).read_text())
+    err = report.get("relative_logit_error")
+    what = "exact" if report.get("exact") else "average-gate fold"
+    extra = f", relative logit error {err:.3g} on {report.get('dev_examples')} dev rows" if err is not None else ""
+    print(f"[rlora] {args.format} export of {report['method']} ({what}{extra}) -> {out}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .registry import register
+
+    reg = register(args.source, name=args.name, alias=args.alias, tracking_uri=args.tracking_uri, task=args.task,
+                   base_model=args.base_model, experiment=args.experiment)
+    print(f"[rlora] registered {reg.name} version {reg.version} as @{reg.alias} (run {reg.run_id}); load with "
+          f"mlflow.pyfunc.load_model('{reg.model_uri}')")
+    return 0
+
+
+@extra_command
+def _add_commands(sub: argparse._SubParsersAction) -> None:
+    src_help = "adapter dir, checkpoint/training output dir holding adapter/, or an MLflow run id"
+    e = sub.add_parser("export", help="export an adapter as a PEFT adapter, a merged HF model, or the full adapter")
+    e.add_argument("source", help=src_help)
+    e.add_argument("--task", help="the task to export (required for mtl, hydra, rlora; ignored for lora)")
+    e.add_argument("--format", choices=["peft", "merged", "multihead"], default="peft")
+    e.add_argument("--out", required=True, help="output directory (written atomically)")
+    e.add_argument("--data", help="data directory (one folder per task): dev rows measure the gates and the error")
+    e.add_argument("--base-model", help="base model name or path (default: the adapter config's base_model)")
+    e.add_argument("--tracking-uri", help="MLflow tracking URI when SOURCE is a run id (default $MLFLOW_TRACKING_URI)")
+    e.add_argument("--max-examples", type=int, default=32, help="dev rows used to measure (default 32)")
+    e.add_argument("--max-length", type=int, default=256, help="token limit per dev row (default 256)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    e.set_defaults(fn=cmd_export)
+
+    r = sub.add_parser("register", help="register an adapter in the MLflow model registry as a pyfunc model")
+    r.add_argument("source", help=src_help)
+    r.add_argument("--name", required=True, help="registered model name")
+    r.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
+    r.add_argument("--task", help="default task for rows that name none")
+    r.add_argument("--base-model", help="base model reference (default: the adapter config's base_model)")
+    r.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
+    r.add_argument("--experiment", help="experiment of the registration run (default $MLFLOW_EXPERIMENT_NAME or rlora)")
+    r.set_defaults(fn=cmd_register)

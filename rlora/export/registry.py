@@ -1,0 +1,190 @@
+"""``register``: log an adapter as an ``mlflow.pyfunc`` model and register it under a name and alias.
+
+Steps (nothing is registered unless every step succeeds):
+
+1. check the registry name and alias (one-line errors), resolve SOURCE to an adapter directory;
+2. save the pyfunc model locally (adapter directory as artifact, base model by reference) and upload
+   it as the artifact ``model`` of a new run ``register-<name>`` (in the source run's experiment when
+   SOURCE is a run id, tagged ``rlora.source_run_id``);
+3. create the registered model if needed, a new version from that artifact, and point ``alias`` at it.
+
+A failure in step 3 deletes the version (and the registered model when this call created it) and
+marks the run FAILED; a process killed before step 3 leaves a run with artifacts but no version.
+
+Promotion: register a candidate with ``--alias challenger``, compare it with ``models:/NAME@champion``,
+then move the champion alias with ``MlflowClient().set_registered_model_alias(NAME, "champion", version)``
+(or register again with ``--alias champion``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from .api import base_model_name
+from .errors import ExportError
+from .fold import task_index
+from .source import check_adapter, resolved, run_id_of
+from .staging import test_pause
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}$")
+ALIAS_RE = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
+MODEL_ARTIFACT = "model"
+# the model loads through the installed rlora package (not on PyPI): install rlora where it is served
+PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas", "pydantic", "pyyaml"]
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    alias: str
+    run_id: str
+    source: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ExportError(f"invalid registered model name {name!r}: use 1-256 letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit (e.g. rlora-smollm2)")
+    return name
+
+
+def validate_alias(alias: str) -> str:
+    if not isinstance(alias, str) or not ALIAS_RE.match(alias):
+        raise ExportError(f"invalid alias {alias!r}: use letters, digits, '_' or '-' (e.g. champion, challenger)")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ExportError(f"alias {alias!r} is reserved by MLflow ('latest', 'v<number>'): pick another, e.g. champion")
+    return alias
+
+
+def _default_artifact_location(uri: str) -> Optional[str]:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "task", required=False), ColSpec("string", "input"),
+                     ColSpec(Array("string"), "options", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
+
+
+def register(source, name: str, alias: str = "champion", tracking_uri: Optional[str] = None,
+             task: Optional[str] = None, base_model: Optional[str] = None, experiment: Optional[str] = None,
+             artifact_location: Optional[str] = None) -> Registered:
+    """Register the adapter at ``source`` as a pyfunc model version of ``name`` with ``alias``.
+
+    ``task`` becomes the default task of rows without one. The tracking (and registry) URI is
+    ``tracking_uri`` or ``$MLFLOW_TRACKING_URI``; the experiment ``experiment``, ``$MLFLOW_EXPERIMENT_NAME``
+    or ``rlora``. Load the result with ``mlflow.pyfunc.load_model(f"models:/{name}@{alias}")``."""
+    validate_name(name)
+    validate_alias(alias)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ExportError("no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ..tracking.mlflow_tracker import ensure_experiment
+    from .pyfunc import ADAPTER_ARTIFACT
+
+    rid = run_id_of(str(source))
+    with resolved(source, uri) as adapter_dir:
+        cfg = check_adapter(adapter_dir)
+        if task is not None:
+            task_index(cfg, task)
+        base = base_model_name(cfg, base_model)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        try:
+            if rid is not None:
+                exp_id = client.get_run(rid).info.experiment_id
+            else:
+                exp_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "rlora"
+                exp_id = ensure_experiment(uri, exp_name, artifact_location or _default_artifact_location(uri))
+            tags = {"rlora.registered_model": name, "rlora.alias": alias, "method": cfg.method, "base_model": base}
+            if rid is not None:
+                tags["rlora.source_run_id"] = rid
+            run = client.create_run(exp_id, run_name=f"register-{name}", tags=tags)
+        except MlflowException as err:
+            raise ExportError(f"MLflow at {uri} refused to start the registration run ({_first_line(err)})") from None
+        run_id = run.info.run_id
+        staging = Path(tempfile.mkdtemp(prefix="rlora-pyfunc-"))
+        try:
+            model_dir = staging / MODEL_ARTIFACT
+            packed = staging / ADAPTER_ARTIFACT                    # stored as artifacts/adapter in the model
+            packed.mkdir()
+            for f in (CONFIG_NAME, WEIGHTS_NAME):
+                shutil.copyfile(adapter_dir / f, packed / f)
+            model_config = {"base_model": base, "task": task, "method": cfg.method, "tasks": list(cfg.tasks)}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+                mlflow.pyfunc.save_model(str(model_dir), python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+                                         artifacts={ADAPTER_ARTIFACT: str(packed)}, model_config=model_config,
+                                         signature=_signature(), pip_requirements=PIP_REQUIREMENTS)
+            client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+            test_pause("uploading the model")
+            version = _create_version(client, name, alias, f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id,
+                                      {"base_model": base, "method": cfg.method, "task": task or "",
+                                       "source": str(source)[:500]})
+        except BaseException as err:
+            try:
+                client.set_terminated(run_id, "FAILED")
+            except Exception:
+                pass
+            if isinstance(err, MlflowException):
+                raise ExportError(f"registering {name!r} at {uri} failed ({_first_line(err)}); nothing was "
+                                  "registered") from None
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        client.set_terminated(run_id, "FINISHED")
+    return Registered(name, version, alias, run_id, str(source))
+
+
+def _create_version(client, name: str, alias: str, source_uri: str, run_id: str, tags: dict) -> str:
+    """Create (registered model if needed +) version + alias; undo what was created if a step fails."""
+    from mlflow.exceptions import MlflowException
+
+    created_model = False
+    version = None
+    try:
+        try:
+            client.get_registered_model(name)
+        except MlflowException as err:
+            if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            client.create_registered_model(name, description="rlora adapter served on a referenced base model")
+            created_model = True
+        mv = client.create_model_version(name, source_uri, run_id=run_id, tags=tags)
+        version = mv.version
+        client.set_registered_model_alias(name, alias, version)
+        return str(version)
+    except BaseException:
+        try:
+            if version is not None:
+                client.delete_model_version(name, version)
+            if created_model:
+                client.delete_registered_model(name)
+        except Exception:
+            pass
+        raise

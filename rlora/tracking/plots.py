@@ -1,0 +1,251 @@
+"""PNG plots of the diagnostics (matplotlib, Agg canvas; pyplot and its global state are not used).
+
+Each function takes plain arrays (as returned by :mod:`rlora.tracking.diagnostics`), writes one PNG
+and returns its path.  Cosines always use the same diverging scale −1 (blue) .. 0 (white) .. +1 (red),
+so at a glance: red head panels = heads collapsed into one; blue task cells = tasks in conflict.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap, Normalize
+from matplotlib.figure import Figure
+
+PathLike = Union[str, Path]
+COS_CMAP = "RdBu_r"
+PROB_CMAP = "viridis"
+_DEPTH = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+class PlotError(ValueError):
+    """Bad input to a plot function (one line, names the argument and the fix)."""
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def _matrix(value, name: str) -> np.ndarray:
+    try:
+        m = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PlotError(f"{name} must be a numeric 2-d array") from None
+    if m.ndim != 2:
+        raise PlotError(f"{name} must be 2-d, got shape {m.shape}")
+    return m
+
+
+def _check_tasks(m: np.ndarray, task_names: Sequence[str], name: str) -> list[str]:
+    names = [str(t) for t in task_names]
+    if m.shape[0] != len(names):
+        raise PlotError(f"{name} has {m.shape[0]} rows but {len(names)} task names were given: pass one name per row")
+    return names
+
+
+def _annotate(ax, m: np.ndarray, fmt: str, dark_if) -> None:
+    if m.size > 400:
+        return
+    for (i, j), v in np.ndenumerate(m):
+        if np.isfinite(v):
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8,
+                    color="white" if dark_if(v) else "black")
+
+
+# --------------------------------------------------------------------------------------------
+def _layout(names: list[str]) -> tuple[list, list, dict]:
+    """(row labels, column labels, {layer: (row, col)}): rows = module types, columns = depth when
+    every name carries a layer index; otherwise a square grid in name order."""
+    depths = [_DEPTH.findall(n) for n in names]
+    if names and all(depths):
+        types = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+        cols = sorted({int(d[0]) for d in depths})
+        col_of = {c: k for k, c in enumerate(cols)}
+        where = {n: (types.index(n.rsplit(".", 1)[-1]), col_of[int(d[0])]) for n, d in zip(names, depths)}
+        if len(set(where.values())) == len(names):
+            return types, [str(c) for c in cols], where
+    ncols = max(1, math.ceil(math.sqrt(len(names))))
+    nrows = max(1, math.ceil(len(names) / ncols))
+    where = {n: divmod(k, ncols) for k, n in enumerate(names)}
+    return [str(r * ncols) for r in range(nrows)], [str(c) for c in range(ncols)], where
+
+
+def plot_head_similarity(matrices: Mapping[str, np.ndarray], path: PathLike, kind: str = "BA") -> Path:
+    """Grid of per-layer N x N head cosine matrices (rows: module type, columns: layer index), shared
+    scale −1..1.  ``matrices``: {layer name: [N, N]} from ``head_similarity_matrices``."""
+    if not matrices:
+        raise PlotError("plot_head_similarity got no matrices: the adapter needs num_heads >= 2")
+    names = list(matrices)
+    mats = {n: _matrix(matrices[n], f"matrices['{n}']") for n in names}
+    N = max(m.shape[0] for m in mats.values())
+    rows, cols, where = _layout(names)
+    cell = N + 1                                        # one blank line between panels
+    mosaic = np.full((len(rows) * cell - 1, len(cols) * cell - 1), np.nan)
+    diagonal = np.full_like(mosaic, np.nan)             # i = j cells (always 1) are drawn black
+    for n, m in mats.items():
+        r, c = where[n]
+        k = m.shape[0]
+        mosaic[r * cell:r * cell + k, c * cell:c * cell + m.shape[1]] = m
+        idx = np.arange(k)
+        diagonal[r * cell + idx, c * cell + idx] = 1.0
+    off = [m[np.triu_indices(m.shape[0], k=1)] for m in mats.values() if m.shape[0] >= 2]
+    mean = float(np.mean(np.concatenate(off))) if off else float("nan")
+    width = min(30.0, max(6.0, 0.32 * len(cols) * cell / 3 + 2.5))
+    height = max(2.8, 0.32 * len(rows) * cell / 3 + 1.8)
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_subplot()
+    cmap = _cmap(COS_CMAP)
+    im = ax.imshow(mosaic, cmap=cmap, norm=Normalize(-1.0, 1.0), interpolation="nearest", aspect="equal")
+    ax.imshow(diagonal, cmap=ListedColormap(["black"]), interpolation="nearest", aspect="equal")
+    ax.set_xticks([c * cell + (N - 1) / 2 for c in range(len(cols))], cols, fontsize=7)
+    ax.set_yticks([r * cell + (N - 1) / 2 for r in range(len(rows))], rows, fontsize=8)
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    what = "cos(B_i A, B_j A)" if kind == "BA" else "cos(B_i, B_j)"
+    ax.set_xlabel("layer index (each panel: heads i x j)")
+    ax.set_ylabel("module")
+    ax.set_title(f"Head similarity {what}, mean over pairs {mean:+.3f}\n"
+                 "red ≈ +1: heads collapsed into one   white ≈ 0: independent heads   blue < 0: opposing heads\n"
+                 "(black: a head with itself; grey: no layer)",
+                 fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.025, pad=0.02, shrink=0.8, label="cosine")
+    return _save(fig, path)
+
+
+def _cmap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad="#d9d9d9")
+
+
+def plot_interference(matrix: np.ndarray, task_names: Sequence[str], path: PathLike) -> Path:
+    """Task x task gradient cosine heatmap (−1..1); NaN (task not probed) in grey."""
+    m = _matrix(matrix, "matrix")
+    names = _check_tasks(m, task_names, "matrix")
+    if m.shape[0] != m.shape[1]:
+        raise PlotError(f"matrix must be square (T x T), got shape {m.shape}")
+    T = len(names)
+    fig = Figure(figsize=(max(4.5, 0.6 * T + 2.5), max(3.8, 0.55 * T + 1.8)))
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap=_cmap(COS_CMAP), norm=Normalize(-1.0, 1.0), interpolation="nearest")
+    _annotate(ax, m, ".2f", lambda v: abs(v) > 0.6)
+    ax.set_xticks(range(T), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(T), names, fontsize=8)
+    off = m[~np.eye(T, dtype=bool)]
+    off = off[np.isfinite(off)]
+    mean = f"{off.mean():+.3f}" if off.size else "n/a"
+    ax.set_title(f"Task gradient cosine (mean off-diagonal {mean})\n"
+                 "blue < 0: the tasks pull the shared adapter in opposite directions (conflict)"
+                 + ("\n(grey: task not in the probe)" if np.isnan(m).any() else ""), fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine of task gradients")
+    return _save(fig, path)
+
+
+def plot_task_weights(history: Sequence[Mapping], task_names: Sequence[str], path: PathLike) -> Path:
+    """Sampling probability of each task over training steps (``TaskSampler.history``)."""
+    if not history:
+        raise PlotError("plot_task_weights got an empty history: pass TaskSampler.history")
+    try:
+        steps = np.array([int(h["step"]) for h in history])
+        probs = np.array([[float(p) for p in h["probabilities"]] for h in history])
+    except (KeyError, TypeError, ValueError):
+        raise PlotError("history entries must be {'step': int, 'probabilities': [T floats]}") from None
+    names = [str(t) for t in task_names]
+    if probs.ndim != 2 or probs.shape[1] != len(names):
+        raise PlotError(f"history has {probs.shape[-1]} probabilities per entry but {len(names)} task names")
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.add_subplot()
+    marker = "o" if len(steps) <= 40 else None
+    for k, name in enumerate(names):
+        ax.plot(steps, probs[:, k], marker=marker, markersize=3, linewidth=1.5, label=name,
+                drawstyle="steps-post")
+    ax.axhline(1.0 / len(names), color="black", linestyle="--", linewidth=1, label="uniform 1/T")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("sampling probability")
+    ax.set_ylim(0, min(1.0, max(probs.max(), 1.0 / len(names)) * 1.15))
+    ax.set_title("Task sampling probabilities (a rising line: that task gets more of the batch)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def _prob_heatmap(m: np.ndarray, row_labels: list[str], path: PathLike, title: str, xlabel: str,
+                  cbar: str) -> Path:
+    T, N = m.shape
+    fig = Figure(figsize=(max(4.5, 0.7 * N + 3.0), max(3.0, 0.45 * T + 1.8)))
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap=PROB_CMAP, norm=Normalize(0.0, 1.0), interpolation="nearest", aspect="auto")
+    _annotate(ax, m, ".2f", lambda v: v < 0.5)
+    ax.set_xticks(range(N), [f"head {i}" for i in range(N)], fontsize=8)
+    ax.set_yticks(range(T), row_labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=cbar)
+    return _save(fig, path)
+
+
+def plot_router_usage(usage: np.ndarray, task_names: Sequence[str], path: PathLike,
+                      entropy: Optional[Sequence[float]] = None) -> Path:
+    """Mean router gate per head (columns) for each task (rows); optional normalised entropy per task."""
+    m = _matrix(usage, "usage")
+    names = _check_tasks(m, task_names, "usage")
+    if entropy is not None:
+        names = [f"{n}  (H={float(h):.2f})" for n, h in zip(names, entropy)]
+    N = m.shape[1]
+    return _prob_heatmap(
+        m, names, path,
+        f"Router usage: mean gate per head (uniform = 1/N = {1 / N:.2f})\n"
+        "same pattern in every row: no task specialisation; one column near 1: router collapsed onto one head"
+        + ("\nH = normalised router entropy (1 = uniform, 0 = one head per token)" if entropy is not None else ""),
+        "head", "mean gate")
+
+
+def plot_mtl_mixing(mixing: np.ndarray, task_names: Sequence[str], path: PathLike,
+                    lambda_dev: Optional[Sequence[float]] = None) -> Path:
+    """MTL-LoRA softmax(w_t/τ) per task (rows) over the up-projections (columns), mean over layers."""
+    m = _matrix(mixing, "mixing")
+    names = _check_tasks(m, task_names, "mixing")
+    if lambda_dev is not None:
+        names = [f"{n}  (‖Λ−I‖={float(d):.2f})" for n, d in zip(names, lambda_dev)]
+    return _prob_heatmap(
+        m, names, path,
+        "MTL-LoRA mixing weights softmax(w_t/τ) per task\n"
+        "identical rows: tasks share the same up-projections; distinct rows: task-specific heads",
+        "up-projection", "mixing weight")
+
+
+def save_diagnostic_plots(diag, out_dir: PathLike, history: Optional[Sequence[Mapping]] = None,
+                          prefix: str = "") -> list[Path]:
+    """Write every plot that applies to a :class:`rlora.tracking.diagnostics.Diagnostics` into
+    ``out_dir`` (``head_similarity.png``, ``interference.png``, ``router_usage.png``,
+    ``mtl_mixing.png``, ``task_weights.png`` with a sampler history); returns the paths."""
+    out, paths = Path(out_dir), []
+    names = list(diag.task_names)
+    if diag.matrices:
+        paths.append(plot_head_similarity({k: v["BA"] for k, v in diag.matrices.items()},
+                                          out / f"{prefix}head_similarity.png", "BA"))
+    if diag.interference is not None:
+        paths.append(plot_interference(diag.interference, names, out / f"{prefix}interference.png"))
+    if diag.router is not None:
+        paths.append(plot_router_usage(diag.router["usage"], diag.router["tasks"], out / f"{prefix}router_usage.png",
+                                       diag.router["entropy"]))
+    if diag.mtl is not None:
+        mix = diag.mtl["mixing"]
+        labels = names if len(names) == mix.shape[0] else [f"task{k}" for k in range(mix.shape[0])]
+        paths.append(plot_mtl_mixing(mix, labels, out / f"{prefix}mtl_mixing.png", diag.mtl["lambda_dev"]))
+    if history:
+        paths.append(plot_task_weights(history, names, out / f"{prefix}task_weights.png"))
+    return paths
+
+
+__all__ = ["PlotError", "plot_head_similarity", "plot_interference", "plot_task_weights", "plot_router_usage",
+           "plot_mtl_mixing", "save_diagnostic_plots"]

