@@ -77,11 +77,14 @@ def extra_command(fn: Callable[[argparse._SubParsersAction], None]):
 
 
 def _load_extra_commands() -> None:
-    for mod in ("rlora.export.cli", "rlora.jobs_cli"):
+    import importlib
+
+    for mod in ("rlora.submit", "rlora.export.cli"):
         try:
-            __import__(mod)
-        except ImportError:
-            pass
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:  # an optional part that is not there; real errors surface
+            if err.name != mod:
+                raise
 
 
 def main(argv: Optional[list[str]] = None) -> int:

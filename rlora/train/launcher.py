@@ -128,8 +128,8 @@ def _ray_init(cfg: RunConfig) -> None:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", str(int(cfg.ray.resources_per_worker.get("CPU", 1))))
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    if address:  # an existing cluster, e.g. inside `ray job submit`: the job's runtime env applies
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(runtime_env={"env_vars": env}, include_dashboard=False, dashboard_host=cfg.ray.dashboard_host,
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")

@@ -35,6 +35,14 @@ def model_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cfg_for(model_dir, data_dir, tmp_path, **overrides):
     base = dict(trainer__max_steps=30, trainer__learning_rate=1e-2, trainer__logging_steps=10,
                 trainer__per_device_train_batch_size=4, mlflow__enabled=False, eval__max_examples_per_task=4)
@@ -108,9 +116,10 @@ def test_accumulation_schedule_and_dynamic_sampler(model_dir, task_dir, tmp_path
     out = train_local(cfg, progress=False)
     assert out["total_steps"] == 12 and len(out["train_loss"]) == 12
     hist = out["sampler_history"]
-    print([(h["step"], [round(p, 3) for p in h["probabilities"]]) for h in hist])
-    assert [h["step"] for h in hist][:2] == [0, 8]        # re-weighted every 4 steps once 2W losses are in
-    assert len(hist) >= 3
+    # the sampler counts micro-batches: 12 optimizer steps x 2 = 24, a re-weighting every 4 of them
+    assert [h["step"] for h in hist] == [0, 4, 8, 12, 16, 20, 24]
+    # the loss ratios need 2W = 4 observations (one per optimizer step): unchanged at 4, moved at 8
+    assert hist[1]["probabilities"] == hist[0]["probabilities"] != hist[2]["probabilities"]
     assert all(abs(sum(h["probabilities"]) - 1) < 1e-9 for h in hist)
     assert [s for s, _ in out["eval_history"]] == [6]
     assert set(out["eval_history"][0][1]) == {"parity", "sign", "size"}

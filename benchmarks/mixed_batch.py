@@ -1,0 +1,216 @@
+"""One batch that mixes T = 8 tasks: MTL-LoRA in one pass vs PEFT with 8 LoRA adapters, as ratios to
+the frozen base on the same tokens.
+
+The model is a stack of 4 residual linear blocks ``x <- x + W_i x`` (W_i: 896 -> 896, no bias, every
+W_i adapted), fed 32 sequences x 64 tokens (2048 tokens, 4 sequences per task, tasks shuffled).
+
+* rlora: ``MTLLoRALinear`` (r = 8, n = 3 up-projections, one Λ_t and w_t per task, dropout 0.05) --
+  the whole mixed batch in one forward with per-sample task ids.
+* PEFT: 8 LoRA adapters (r = 8, alpha = 16, dropout 0.05), one per task. Training: PEFT refuses a
+  mixed batch in train mode (``adapter_names=`` raises; the message is printed), so its way is one
+  sub-batch per task: ``set_adapter(task)``, forward, backward. Inference: PEFT's mixed-adapter
+  batch ``model(x, adapter_names=[...])`` in eval mode under ``no_grad``.
+
+Training is fwd + bwd with the input gradient (as for a layer inside a network) and the adapter
+gradients; the frozen base does fwd + bwd for the input gradient only.
+
+    python benchmarks/mixed_batch.py [--quick] [--json] [--threads N]
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, figure, interleaved_median, parser  # noqa: E402
+
+import rlora  # noqa: E402
+from rlora.context import task_ids  # noqa: E402
+from rlora.layers import MTLLoRALinear  # noqa: E402
+
+D, BLOCKS, TASKS, PER_TASK, SEQ, R, HEADS = 896, 4, 8, 4, 64, 8, 3
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return x + self.proj(x)
+
+
+class Stack(nn.Module):
+    def __init__(self, d: int, n: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def mtl_stack(base: Stack) -> Stack:
+    cfg = rlora.AdapterConfig(method="mtl", r=R, num_heads=HEADS, alpha=2 * R, dropout=0.05,
+                              tasks=[f"t{i}" for i in range(TASKS)])
+    m = copy.deepcopy(base)
+    for b in m.blocks:
+        b.proj = MTLLoRALinear(b.proj, cfg, num_tasks=TASKS)
+        with torch.no_grad():
+            b.proj.lora_B.normal_(0, 0.01)
+    return m
+
+
+def peft_stack(base: Stack):
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.05, target_modules=["proj"])
+    m = get_peft_model(copy.deepcopy(base), lc, adapter_name="t0")
+    for i in range(1, TASKS):
+        m.add_adapter(f"t{i}", lc)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    return m
+
+
+def n_params(m: nn.Module, key: str) -> int:
+    return sum(p.numel() for n, p in m.named_parameters() if key in n)
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    base = Stack(D, BLOCKS)
+    with torch.no_grad():
+        for b in base.blocks:
+            b.proj.weight.mul_(0.5)          # keep the residual stream's scale moderate
+    base.requires_grad_(False)
+    mtl, peft = mtl_stack(base), peft_stack(base)
+    n_seq = TASKS * PER_TASK
+    tids = torch.arange(TASKS).repeat_interleave(PER_TASK)[torch.randperm(n_seq)]
+    names = [f"t{i}" for i in tids.tolist()]
+    x = torch.randn(n_seq, SEQ, D)
+    g = torch.randn(n_seq, SEQ, D)
+    groups = [(f"t{t}", (tids == t).nonzero().squeeze(1)) for t in range(TASKS)]
+    x_sub = {t: x[i].clone().requires_grad_(True) for t, i in groups}
+    g_sub = {t: g[i].clone() for t, i in groups}
+    x_leaf = x.clone().requires_grad_(True)
+
+    # PEFT and the mixed batch in training mode
+    peft.train()
+    try:
+        peft(x_leaf, adapter_names=names)
+        refusal = "accepted (no error)"
+    except ValueError as err:
+        refusal = f"ValueError: {err}"
+    import peft as peft_pkg
+
+    print(f"peft {peft_pkg.__version__}, model(x, adapter_names=...) in train mode: {refusal}")
+
+    # correctness: the mixed batch equals the per-task sub-batches
+    mtl.eval()
+    with torch.no_grad():
+        with task_ids(tids):
+            mixed = mtl(x)
+        diff = 0.0
+        for t, i in groups:
+            with task_ids(int(t[1:])):
+                diff = max(diff, (mtl(x[i]) - mixed[i]).abs().max().item())
+    print(f"MTL-LoRA mixed batch vs per-task sub-batches: max |diff| = {diff:.2e}")
+
+    def clear(m):
+        for p in m.parameters():
+            p.grad = None
+
+    def train_base():
+        y = base(x_leaf)
+        y.backward(g)
+        x_leaf.grad = None
+
+    def train_mtl():
+        with task_ids(tids):
+            y = mtl(x_leaf)
+        y.backward(g)
+        x_leaf.grad = None
+        clear(mtl)
+
+    def train_peft():
+        for t, _ in groups:
+            peft.set_adapter(t)
+            y = peft(x_sub[t])
+            y.backward(g_sub[t])
+            x_sub[t].grad = None
+        clear(peft)
+
+    def infer_base():
+        with torch.no_grad():
+            base(x)
+
+    def infer_mtl():
+        with torch.no_grad(), task_ids(tids):
+            mtl(x)
+
+    def infer_peft():
+        with torch.no_grad():
+            peft(x, adapter_names=names)
+
+    def infer_peft_split():
+        with torch.no_grad():
+            for t, i in groups:
+                peft.set_adapter(t)
+                peft(x[i])
+
+    repeats = 10 if args.quick else 40
+    mtl.train()
+    peft.train()
+    tr = interleaved_median({"base": train_base, "rlora": train_mtl, "peft": train_peft}, repeats)
+    mtl.eval()
+    peft.eval()
+    inf = interleaved_median({"base": infer_base, "rlora": infer_mtl, "peft": infer_peft,
+                              "peft_split": infer_peft_split}, repeats)
+
+    tokens = n_seq * SEQ
+    print(f"{BLOCKS} residual blocks x <- x + W x (W {D}x{D}), {n_seq} sequences x {SEQ} tokens = {tokens} tokens, "
+          f"{TASKS} tasks mixed; median of {repeats}, torch threads={torch.get_num_threads()}")
+    print(f"trainable parameters: MTL-LoRA r={R} n={HEADS} {n_params(mtl, 'lora_') + n_params(mtl, 'task_'):,}; "
+          f"PEFT {TASKS} x LoRA r={R} {n_params(peft, 'lora_'):,}")
+    rows = [
+        ("train fwd+bwd", "frozen base", tr["base"], tr["base"]),
+        ("train fwd+bwd", "rlora MTL-LoRA, one mixed pass", tr["rlora"], tr["base"]),
+        ("train fwd+bwd", "PEFT, 8 sub-batches + set_adapter", tr["peft"], tr["base"]),
+        ("inference", "frozen base", inf["base"], inf["base"]),
+        ("inference", "rlora MTL-LoRA, one mixed pass", inf["rlora"], inf["base"]),
+        ("inference", "PEFT adapter_names= mixed batch", inf["peft"], inf["base"]),
+        ("inference", "PEFT, 8 sub-batches + set_adapter", inf["peft_split"], inf["base"]),
+    ]
+    for mode, name, v, ref in rows:
+        print(f"  {mode:14s} {name:36s} {v * 1e3:8.2f} ms   {v / ref:.3f}x base")
+    f = {
+        "train_rlora_vs_base": figure(tr["rlora"] / tr["base"], "<=1.2"),
+        "train_peft_vs_base": figure(tr["peft"] / tr["base"], "info"),
+        "train_rlora_vs_peft": figure(tr["rlora"] / tr["peft"], "<1"),
+        "infer_rlora_vs_base": figure(inf["rlora"] / inf["base"], "info"),
+        "infer_peft_vs_base": figure(inf["peft"] / inf["base"], "info"),
+        "infer_rlora_vs_peft": figure(inf["rlora"] / inf["peft"], "<1"),
+    }
+    checks = [("train: rlora <= 1.2x base", f["train_rlora_vs_base"]["value"] <= 1.2),
+              ("train: rlora faster than PEFT", f["train_rlora_vs_peft"]["value"] < 1),
+              ("inference: rlora faster than PEFT adapter_names=", f["infer_rlora_vs_peft"]["value"] < 1)]
+    for name, ok in checks:
+        print(f"  target {name}: {'holds' if ok else 'MISSED'}")
+    emit("mixed_batch", f, args.json)
+
+
+if __name__ == "__main__":
+    main()

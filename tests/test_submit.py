@@ -1,0 +1,81 @@
+"""`rlora submit` against a real local Ray head started for the test (127.0.0.1, its own temp dir)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import write_tasks
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head` with token auth off for this throwaway head; stops only what it started."""
+    temp = Path("/tmp") / f"rh{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+    # as with an activated venv: the head and the job entrypoint find this environment's python
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+                    "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    "--temp-dir", str(temp), "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**env, "RAY_TMPDIR": str(temp)},
+                       capture_output=True)
+
+
+def test_submit_wait_succeeds_and_records_adapter_and_mlflow(ray_head, tiny_model_dir, tmp_path):
+    address, env = ray_head
+    data = write_tasks(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "adapter": {"method": "mtl", "r": 4, "num_heads": 2, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"path": str(data), "max_length": 64},
+        "trainer": {"max_steps": 3, "per_device_train_batch_size": 2, "output_dir": str(out), "save_steps": 2,
+                    "run_name": "submitted"},
+        "deepspeed": {"stage": 1},
+        "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 1}, "storage_path": str(tmp_path / "store")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "submit-test"},
+        "eval": {"max_examples_per_task": 2, "before_training": False},
+    }
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([str(BIN / "rlora"), "submit", str(cfg_file), "--address", address, "--wait"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    assert (out / "submitted" / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((tmp_path / "store" / "submitted").glob("checkpoint_*"))
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(cfg["mlflow"]["tracking_uri"])
+    runs = c.search_runs([c.get_experiment_by_name("submit-test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert c.get_metric_history(runs[0].info.run_id, "train/loss")
+
+
+def test_submit_refuses_bad_config_before_submitting(ray_head, tmp_path):
+    address, env = ray_head
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_stepz: 3\n")
+    proc = subprocess.run([str(BIN / "rlora"), "submit", str(bad), "--address", address], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: trainer.max_stepz: unknown key (check the spelling; see " \
+                                  "examples/configs/cpu_demo.yaml)"
+    assert "Traceback" not in proc.stderr
