@@ -79,6 +79,7 @@ def _format_eta(seconds: float) -> str:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    import ray
     import ray.train
 
     from ..data import load_tasks, tokenize_tasks, truncation_counts
@@ -255,7 +256,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                "train_tokens_per_s": (all_reduce_sum(torch.tensor([float(train_tokens)])).item()
                                       / max(train_elapsed, 1e-9)) if train_elapsed else None, "train_loss_last": loss_hist[-1] if loss_hist else None,
                "mlflow_run_id": run.get("mlflow_run_id"), "resumed_from_step": resumed_from,
-               "sampler_state": sampler.state_dict()}
+               "sampler_state": sampler.state_dict(), "worker_nodes": gather_objects(ray.get_runtime_context().get_node_id())}
 
     def write(d: Path) -> None:
         if rank == 0:

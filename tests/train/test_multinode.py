@@ -1,0 +1,52 @@
+"""Multi-node on one machine: ray.cluster_utils.Cluster with two 1-CPU nodes, one worker on each."""
+import os
+
+import pytest
+
+from helpers import run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    monkeypatch.setenv("RLORA_SHARED_LOCAL_STORAGE", "1")  # one machine: the tmp dir is shared storage
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_two_nodes_one_worker_each(two_node_cluster, tiny_model_dir, task_dir, tmp_path):
+    import ray
+
+    from rlora.train.launcher import run_training
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2
+    cfg = run_config(tiny_model_dir, task_dir, tmp_path, trainer__max_steps=4, trainer__save_steps=2,
+                     trainer__run_name="two-nodes", ray__storage_path=str(tmp_path / "shared"))
+    res = run_training(cfg)
+    assert res.summary["global_step"] == 4
+    assert len(set(res.summary["worker_nodes"])) == 2  # the two ranks ran on different nodes
+    # the checkpoint holds the shards of both ranks, merged by Ray into one directory
+    shards = sorted(p.name for p in (tmp_path / "shared" / "two-nodes").glob("checkpoint_*/ds/*optim_states.pt"))
+    assert any("rank_0" in s for s in shards) and any("rank_1" in s for s in shards)
+    assert (res.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_local_storage_refused_on_two_nodes(two_node_cluster, tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    from rlora.config import ConfigError
+    from rlora.train.launcher import run_training
+
+    monkeypatch.delenv("RLORA_SHARED_LOCAL_STORAGE")
+    with pytest.raises(ConfigError, match="local path but the cluster has 2 nodes"):
+        run_training(run_config(tiny_model_dir, task_dir, tmp_path, ray__storage_path=str(tmp_path / "local")))
