@@ -12,7 +12,9 @@ W_i adapted), fed 32 sequences x 64 tokens (2048 tokens, 4 sequences per task, t
   batch ``model(x, adapter_names=[...])`` in eval mode under ``no_grad``.
 
 Training is fwd + bwd with the input gradient (as for a layer inside a network) and the adapter
-gradients; the frozen base does fwd + bwd for the input gradient only.
+gradients; the frozen base does fwd + bwd for the input gradient only. An extra training row runs
+MTL-LoRA with dropout 0 (info): MTL-LoRA drops out the layer input x [tokens, 896] as LoRA does, and
+drawing that mask is a visible share of the adapter's cost on CPU.
 
     python benchmarks/mixed_batch.py [--quick] [--json] [--threads N]
 """
@@ -55,8 +57,8 @@ class Stack(nn.Module):
         return x
 
 
-def mtl_stack(base: Stack) -> Stack:
-    cfg = rlora.AdapterConfig(method="mtl", r=R, num_heads=HEADS, alpha=2 * R, dropout=0.05,
+def mtl_stack(base: Stack, dropout: float = 0.05) -> Stack:
+    cfg = rlora.AdapterConfig(method="mtl", r=R, num_heads=HEADS, alpha=2 * R, dropout=dropout,
                               tasks=[f"t{i}" for i in range(TASKS)])
     m = copy.deepcopy(base)
     for b in m.blocks:
@@ -96,7 +98,7 @@ def main() -> None:
         for b in base.blocks:
             b.proj.weight.mul_(0.5)          # keep the residual stream's scale moderate
     base.requires_grad_(False)
-    mtl, peft = mtl_stack(base), peft_stack(base)
+    mtl, mtl0, peft = mtl_stack(base), mtl_stack(base, dropout=0.0), peft_stack(base)
     n_seq = TASKS * PER_TASK
     tids = torch.arange(TASKS).repeat_interleave(PER_TASK)[torch.randperm(n_seq)]
     names = [f"t{i}" for i in tids.tolist()]
@@ -145,6 +147,13 @@ def main() -> None:
         x_leaf.grad = None
         clear(mtl)
 
+    def train_mtl0():
+        with task_ids(tids):
+            y = mtl0(x_leaf)
+        y.backward(g)
+        x_leaf.grad = None
+        clear(mtl0)
+
     def train_peft():
         for t, _ in groups:
             peft.set_adapter(t)
@@ -173,8 +182,10 @@ def main() -> None:
 
     repeats = 10 if args.quick else 40
     mtl.train()
+    mtl0.train()
     peft.train()
-    tr = interleaved_median({"base": train_base, "rlora": train_mtl, "peft": train_peft}, repeats)
+    tr = interleaved_median({"base": train_base, "rlora": train_mtl, "peft": train_peft, "rlora_p0": train_mtl0},
+                            repeats)
     mtl.eval()
     peft.eval()
     inf = interleaved_median({"base": infer_base, "rlora": infer_mtl, "peft": infer_peft,
@@ -189,6 +200,7 @@ def main() -> None:
         ("train fwd+bwd", "frozen base", tr["base"], tr["base"]),
         ("train fwd+bwd", "rlora MTL-LoRA, one mixed pass", tr["rlora"], tr["base"]),
         ("train fwd+bwd", "PEFT, 8 sub-batches + set_adapter", tr["peft"], tr["base"]),
+        ("train fwd+bwd", "rlora MTL-LoRA, dropout 0 (info)", tr["rlora_p0"], tr["base"]),
         ("inference", "frozen base", inf["base"], inf["base"]),
         ("inference", "rlora MTL-LoRA, one mixed pass", inf["rlora"], inf["base"]),
         ("inference", "PEFT adapter_names= mixed batch", inf["peft"], inf["base"]),
@@ -200,6 +212,7 @@ def main() -> None:
         "train_rlora_vs_base": figure(tr["rlora"] / tr["base"], "<=1.2"),
         "train_peft_vs_base": figure(tr["peft"] / tr["base"], "info"),
         "train_rlora_vs_peft": figure(tr["rlora"] / tr["peft"], "<1"),
+        "train_rlora_dropout0_vs_base": figure(tr["rlora_p0"] / tr["base"], "info"),
         "infer_rlora_vs_base": figure(inf["rlora"] / inf["base"], "info"),
         "infer_peft_vs_base": figure(inf["peft"] / inf["base"], "info"),
         "infer_rlora_vs_peft": figure(inf["rlora"] / inf["peft"], "<1"),

@@ -146,6 +146,8 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResu
     cfg = preflight(cfg)
     run_name = default_run_name(cfg)
     storage = storage_path(cfg)
+    if cfg.mlflow.enabled:  # MLflow must answer before anything starts
+        mlflow_tracker.ensure_experiment(*mlflow_tracker.resolve(cfg))
     _ray_init(cfg)
     check_resources(cfg, storage)
     if is_local_path(storage):
