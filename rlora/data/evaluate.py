@@ -8,13 +8,14 @@ eos, as in training), the score of option k is
 and the prediction is ``argmax_k s_k``. ``loss`` is the per-token negative log-likelihood of the
 target option, ``sum(-s_gold) / sum(len(o_gold))`` -- the training loss measured on this split.
 
-Packing. The prompt is shared by all options, so each row is one packed sequence
-``p ++ o_1 ++ ... ++ o_K`` with position ids ``0..|p|-1`` for the prompt and ``|p|..|p|+|o_k|-1`` for
-every option, and a 4-D attention mask in which a token of option k sees the prompt and the earlier
-tokens of option k only. This gives exactly the log-probabilities of K separate sequences ``p ++ o_k``
-for the price of one prompt. Several rows are padded into one batch (one forward per batch). Models
-whose attention kernel cannot take a 4-D mask (e.g. flash-attention) use the plain layout: one
-right-padded sequence per (row, option).
+Packing. The prompt is shared by all options, and options often share their first tokens (label
+sets like ``card_arrival`` / ``card_linking``), so each row is one packed sequence: the prompt, then
+the nodes of the prefix tree (trie) of its options. Node positions are ``|p| + depth`` and a 4-D
+attention mask lets a node see the prompt, its ancestors and itself only. Each node's log-prob is
+computed once, and ``s_k`` sums the nodes on option k's path -- exactly the log-probabilities of K
+separate sequences ``p ++ o_k``, for the price of one prompt and the distinct prefixes. Several rows
+are padded into one batch (one forward per batch). Models whose attention kernel cannot take a 4-D
+mask (e.g. flash-attention) use the plain layout: one right-padded sequence per (row, option).
 
 Only the hidden states at the option positions go through the output layer and the softmax:
 ``h[b, src] -> lm_head -> log_softmax -> gather`` on N rows, never on all B x L positions.
@@ -112,13 +113,48 @@ def supports_packing(model) -> bool:
 # scoring
 # ----------------------------------------------------------------------------------------------
 @dataclass
+class _Trie:
+    """Prefix tree of a row's options. Node i holds ``tokens[i]``; ``parent[i]`` is -1 for a first
+    token (its context is the prompt); parents come before children; ``paths[k]`` lists option k's nodes."""
+
+    tokens: list[int]
+    parent: list[int]
+    depth: list[int]
+    paths: list[list[int]]
+
+
+def build_trie(options: Sequence[Sequence[int]]) -> _Trie:
+    tokens: list[int] = []
+    parent: list[int] = []
+    depth: list[int] = []
+    index: dict[tuple[int, int], int] = {}
+    paths = []
+    for o in options:
+        cur, path = -1, []
+        for t in o:
+            node = index.get((cur, t))
+            if node is None:
+                node = index[(cur, t)] = len(tokens)
+                tokens.append(t)
+                parent.append(cur)
+                depth.append(0 if cur < 0 else depth[cur] + 1)
+            path.append(node)
+            cur = node
+        paths.append(path)
+    return _Trie(tokens, parent, depth, paths)
+
+
+@dataclass
 class _Row:
     prompt: list[int]
     options: list[list[int]]
 
+    def __post_init__(self) -> None:
+        self.trie = build_trie(self.options)
+
     @property
     def packed_length(self) -> int:
-        return len(self.prompt) + sum(len(o) for o in self.options)
+        return len(self.prompt) + len(self.trie.tokens)
 
 
 def _prepare_rows(tokenizer, examples: Sequence[Example], max_length: int, use_chat_template: bool,
@@ -164,38 +200,40 @@ def _token_logprobs(model, input_ids, attention_mask, position_ids, b_idx, src, 
 
 
 def _packed_batch(rows: Sequence[_Row], pad_id: int, device, dtype):
-    """Packed sequences, 4-D additive mask [B, 1, L, L], and the (row, source, token, option) of every scored token."""
+    """Packed rows ``prompt ++ trie nodes`` and their 4-D additive mask [B, 1, L, L].
+
+    A prompt token sees the earlier prompt tokens; a trie node sees the whole prompt, its ancestors
+    and itself; its position id is ``len(prompt) + depth``. Returns the tensors and, for every node,
+    (row, source position, token): node i is predicted at its parent's position (the last prompt
+    token for a first token).
+    """
     width = max(r.packed_length for r in rows)
     bsz = len(rows)
     ids = torch.full((bsz, width), pad_id, dtype=torch.long)
     pos = torch.zeros((bsz, width), dtype=torch.long)
-    seg = torch.full((bsz, width), -1, dtype=torch.long)       # -1 pad, 0 prompt, k+1 option k
-    b_idx, src, tok, opt = [], [], [], []
+    allowed = torch.eye(width, dtype=torch.bool).repeat(bsz, 1, 1)          # padding rows keep one entry
+    b_idx, src, tok = [], [], []
     for b, r in enumerate(rows):
-        n = len(r.prompt)
-        ids[b, :n] = torch.tensor(r.prompt)
+        n, trie = len(r.prompt), r.trie
+        m = len(trie.tokens)
+        ids[b, :n] = torch.tensor(r.prompt, dtype=torch.long)
+        ids[b, n:n + m] = torch.tensor(trie.tokens, dtype=torch.long)
         pos[b, :n] = torch.arange(n)
-        seg[b, :n] = 0
-        start = n
-        for k, o in enumerate(r.options):
-            m = len(o)
-            ids[b, start:start + m] = torch.tensor(o, dtype=torch.long)
-            pos[b, start:start + m] = torch.arange(n, n + m)
-            seg[b, start:start + m] = k + 1
-            b_idx += [b] * m
-            src += [n - 1] + list(range(start, start + m - 1))
-            tok += o
-            opt += [k] * m
-            start += m
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    seg_q, seg_k = seg[:, :, None], seg[:, None, :]
-    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    allowed |= torch.eye(width, dtype=torch.bool)              # padding rows keep one finite entry
+        pos[b, n:n + m] = n + torch.tensor(trie.depth, dtype=torch.long)
+        allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[b, n:n + m, :n] = True
+        block = allowed[b, n:n + m, n:n + m]                                 # ancestor-or-self
+        for i, par in enumerate(trie.parent):
+            if par >= 0:
+                block[i] = block[par]
+            block[i, i] = True
+        b_idx += [b] * m
+        src += [n - 1 if par < 0 else n + par for par in trie.parent]
+        tok += trie.tokens
     mask = torch.zeros((bsz, 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return (ids.to(device), mask.to(device), pos.to(device),
-            torch.tensor(b_idx, device=device), torch.tensor(src, device=device),
-            torch.tensor(tok, device=device), opt)
+            torch.tensor(b_idx, device=device), torch.tensor(src, device=device), torch.tensor(tok, device=device))
 
 
 def _plain_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, device):
@@ -241,14 +279,15 @@ def score_options(model, rows: Sequence[_Row], pad_id: int, batch_size: int, max
         lengths = [r.packed_length for r in rows]
         order = sorted(range(len(rows)), key=lambda i: -lengths[i])
         for group in _batches_by_budget(order, lengths, batch_size, budget):
-            ids, mask, pos, b_idx, src, tok, opt = _packed_batch([rows[i] for i in group], pad_id, device, dtype)
+            ids, mask, pos, b_idx, src, tok = _packed_batch([rows[i] for i in group], pad_id, device, dtype)
             with _task_context(task_id, len(group), device):
-                lp = _token_logprobs(model, ids, mask, pos, b_idx, src, tok)
-            sums: dict[tuple[int, int], float] = {}
-            for b, k, v in zip(b_idx.tolist(), opt, lp.tolist()):
-                sums[(b, k)] = sums.get((b, k), 0.0) + v
-            for (b, k), v in sums.items():
-                out[group[b]][k] = (v, out[group[b]][k][1])
+                lp = _token_logprobs(model, ids, mask, pos, b_idx, src, tok).tolist()
+            offset = 0
+            for i in group:
+                trie = rows[i].trie
+                for k, path in enumerate(trie.paths):
+                    out[i][k] = (sum(lp[offset + node] for node in path), len(path))
+                offset += len(trie.tokens)
             if on_rows:
                 on_rows(len(group))
     else:

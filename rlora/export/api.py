@@ -106,7 +106,7 @@ def export(source: PathLike, task: Optional[str] = None, format: str = "peft", o
         if format == "multihead" and task is not None and cfg.tasks and task not in cfg.tasks:
             raise ExportError(f"unknown task {task!r}: the adapter's tasks are {cfg.tasks}")
         tid = task_index(cfg, task) if format != "multihead" else None
-        report = {"format": format, "method": cfg.method, "task": task if cfg.method != "lora" else None,
+        report = {"format": format, "method": cfg.method, "task": task,
                   "source": str(source), "mlflow_run_id": rid, "adapter_tasks": list(cfg.tasks),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if format == "multihead":

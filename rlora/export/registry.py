@@ -31,7 +31,7 @@ from .api import base_model_name
 from .errors import ExportError
 from .fold import task_index
 from .source import check_adapter, resolved, run_id_of
-from .staging import test_pause
+from .staging import pause_for_tests
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
@@ -142,7 +142,7 @@ def register(source, name: str, alias: str = "champion", tracking_uri: Optional[
                                          artifacts={ADAPTER_ARTIFACT: str(packed)}, model_config=model_config,
                                          signature=_signature(), pip_requirements=PIP_REQUIREMENTS)
             client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-            test_pause("uploading the model")
+            pause_for_tests("uploading the model")
             version = _create_version(client, name, alias, f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id,
                                       {"base_model": base, "method": cfg.method, "task": task or "",
                                        "source": str(source)[:500]})
@@ -151,9 +151,9 @@ def register(source, name: str, alias: str = "champion", tracking_uri: Optional[
                 client.set_terminated(run_id, "FAILED")
             except Exception:
                 pass
-            if isinstance(err, MlflowException):
-                raise ExportError(f"registering {name!r} at {uri} failed ({_first_line(err)}); nothing was "
-                                  "registered") from None
+            if isinstance(err, Exception) and not isinstance(err, ExportError):
+                raise ExportError(f"registering {name!r} at {uri} failed ({type(err).__name__}: {_first_line(err)}); "
+                                  "nothing was registered") from None
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -24,7 +24,7 @@ PAUSE_ENV = "RLORA_EXPORT_TEST_PAUSE"
 _TMP_MARK = ".export-tmp-"
 
 
-def test_pause(what: str) -> None:
+def pause_for_tests(what: str) -> None:
     """Sleep ``$RLORA_EXPORT_TEST_PAUSE`` seconds (unset: return at once); prints a marker line to stderr."""
     raw = os.environ.get(PAUSE_ENV)
     if not raw:
@@ -94,7 +94,7 @@ class StagedDir:
     def wrote(self, name: str) -> None:
         self._files += 1
         if self._files == 1:
-            test_pause(f"writing {name}")
+            pause_for_tests(f"writing {name}")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self.tmp is not None

@@ -284,7 +284,8 @@ class _GateRecorder:
 
     def __init__(self, model: nn.Module):
         self.layers = [(n, l) for n, l in adapter_layers(model) if isinstance(l, HydraLoRALinear)]
-        self.mask: Optional[torch.Tensor] = None
+        self.weight: Optional[torch.Tensor] = None     # 1.0 on the non-pad tokens of the current batch
+        self.count = 0
         self.acc: dict[str, list] = {}
 
     def __enter__(self) -> "_GateRecorder":
@@ -318,26 +319,30 @@ class _GateRecorder:
 
     def _record(self, name: str, g: torch.Tensor) -> None:
         g = g.reshape(-1, g.shape[-1]).double()
-        if self.mask is not None and self.mask.numel() == g.shape[0]:
-            g = g[self.mask]
         n = g.shape[-1]
         if n > 1:
             ent = -torch.special.xlogy(g, g).sum(dim=-1) / math.log(n)
         else:
             ent = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
+        if self.weight is not None and self.weight.numel() == g.shape[0]:
+            w = self.weight.to(g.device)           # masked sums: no data-dependent shapes, no sync
+            g_sum, e_sum, count = w @ g, w @ ent, self.count
+        else:
+            g_sum, e_sum, count = g.sum(dim=0), ent.sum(), g.shape[0]
         acc = self.acc.setdefault(name, [0.0, 0.0, 0])
-        acc[0] = acc[0] + g.sum(dim=0)
-        acc[1] = acc[1] + ent.sum()
-        acc[2] += g.shape[0]
+        acc[0] = acc[0] + g_sum
+        acc[1] = acc[1] + e_sum
+        acc[2] += count
 
     def begin(self, mask: torch.Tensor) -> None:
-        self.mask = mask.reshape(-1).bool()
+        self.weight = mask.reshape(-1).double()
+        self.count = int(mask.sum())
         self.acc = {}
 
     def end(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{layer: (mean gate [N], mean normalised entropy)} for the batch just run."""
         out = {name: (a[0] / a[2], a[1] / a[2]) for name, a in self.acc.items() if a[2] > 0}
-        self.acc, self.mask = {}, None
+        self.acc, self.weight = {}, None
         return out
 
 

@@ -76,8 +76,16 @@ def load(engine, directory: Path, rank: int) -> dict[str, Any]:
     return state
 
 
-def latest_in(storage: Path) -> Optional[Path]:
-    """The newest complete checkpoint directory under a run's storage folder (for `--resume`)."""
-    cands = sorted((p for p in Path(storage).glob("checkpoint_*") if (p / STATE).is_file()),
+def is_complete(directory: Path, world_size: Optional[int] = None) -> bool:
+    """The trainer state is written and (when ``world_size`` is given) every rank's files arrived."""
+    if not (directory / STATE).is_file():
+        return False
+    n = world_size or 0
+    return all((directory / "rng" / f"rank{r}.safetensors").is_file() for r in range(n))
+
+
+def latest_in(storage: Path, world_size: Optional[int] = None) -> Optional[Path]:
+    """The newest complete checkpoint directory under a run's storage folder."""
+    cands = sorted((p for p in Path(storage).glob("checkpoint_*") if is_complete(p, world_size)),
                    key=lambda p: read_state(p)["global_step"])
     return cands[-1] if cands else None

@@ -114,7 +114,7 @@ def find_resume_checkpoint(cfg: RunConfig, storage: str, run_name: str) -> Optio
         return str(Path(want).resolve())
     if want == "never" or not is_local_path(storage):
         return None  # remote storage: Ray Train restores its own latest checkpoint of the run
-    found = ckpt.latest_in(Path(storage) / run_name)
+    found = ckpt.latest_in(Path(storage) / run_name, cfg.ray.num_workers)
     return str(found) if found else None
 
 
@@ -152,7 +152,7 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResu
     check_resources(cfg, storage)
     if is_local_path(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
-    run: dict[str, Any] = {"run_name": run_name, "storage_dir": str(Path(storage) / run_name)
+    run: dict[str, Any] = {"run_name": run_name, "started_at": time.time(), "storage_dir": str(Path(storage) / run_name)
                            if is_local_path(storage) else tempfile.gettempdir()}
     run["resume_from"] = find_resume_checkpoint(cfg, storage, run_name)
     if run["resume_from"]:

@@ -126,22 +126,29 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     # ---- resume
     global_step, results_before, resumed_from = 0, None, None
-    ray_ckpt = ray.train.get_checkpoint()
-    resume_dir = None
-    if ray_ckpt is not None:
-        resume_ctx = ray_ckpt.as_directory()
-        resume_dir = Path(resume_ctx.__enter__())
-    elif run.get("resume_from"):
-        resume_dir = Path(run["resume_from"])  # a driver restart: the newest checkpoint of this run
-    if resume_dir is not None:
-        state = ckpt.load(engine, resume_dir, rank)
-        global_step = resumed_from = int(state["global_step"])
-        sampler.load_state_dict(state["sampler"])
-        results_before = state.get("results_before")
-        run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
-        rank0_print(f"[rlora] resumed from {resume_dir} at step {global_step}/{total_steps}")
+    with contextlib.ExitStack() as stack:
+        # Candidates: the checkpoint Ray hands over (after a worker-group restart; it can lag behind
+        # when the group failed right after a report), the newest complete checkpoint of this run in
+        # storage (Ray hands none over after a driver restart), else the driver's explicit choice.
+        # Every rank sees the same candidates and takes the one with the highest step.
+        cands = []
+        ray_ckpt = ray.train.get_checkpoint()
         if ray_ckpt is not None:
-            resume_ctx.__exit__(None, None, None)
+            cands.append(Path(stack.enter_context(ray_ckpt.as_directory())))
+        storage_dir = Path(run["storage_dir"])
+        local = ckpt.latest_in(storage_dir, world) if storage_dir.is_dir() else None
+        if local and not (t.resume_from_checkpoint == "never" and local.stat().st_mtime < run["started_at"]):
+            cands.append(local)
+        if not cands and run.get("resume_from"):
+            cands.append(Path(run["resume_from"]))
+        resume_dir = max(cands, key=lambda p: ckpt.read_state(p)["global_step"]) if cands else None
+        if resume_dir is not None:
+            state = ckpt.load(engine, resume_dir, rank)
+            global_step = resumed_from = int(state["global_step"])
+            sampler.load_state_dict(state["sampler"])
+            results_before = state.get("results_before")
+            run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
+            rank0_print(f"[rlora] resumed from {resume_dir} at step {global_step}/{total_steps}")
 
     tracker = None
     if is_rank0() and run.get("mlflow_run_id"):

@@ -1,12 +1,7 @@
 """Fixtures for the data tests: synthetic task folders, the real SmolLM2 tokenizer/model, a tiny Llama."""
-from pathlib import Path
-
 import pytest
 import torch
-from synthetic_rows import row, write_jsonl
-
-REPO = Path(__file__).resolve().parents[2]
-SHARED = (REPO / ".." / "shared" / "data").resolve()
+from .synthetic_rows import row, write_jsonl
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -122,3 +122,16 @@ def test_evaluate_tasks_routes_each_task(tiny_model, smol_tokenizer):
         hook.remove()
     assert list(res) == ["b", "a", "other"] and [r["n"] for r in res.values()] == [2, 2, 1]
     assert [None if t is None else t[0].item() for t in seen] == [1, 0, None]
+
+
+def test_prefix_tree_shares_common_prefixes(tiny_model, smol_tokenizer):
+    from rlora.data.evaluate import build_trie
+
+    trie = build_trie([[5, 6, 2], [5, 7, 2], [5, 6, 2], [9, 2]])
+    assert trie.tokens == [5, 6, 2, 7, 2, 9, 2] and trie.parent == [-1, 0, 1, 0, 3, -1, 5]
+    assert trie.depth == [0, 1, 2, 1, 2, 0, 1] and trie.paths[0] == trie.paths[2] == [0, 1, 2]
+    opts = ["card arrival", "card linking", "card arrival", "cash withdrawal", "card"]
+    ex = Example("syn", "s-1", "I lost my card yesterday", opts, "card linking")
+    res = evaluate_multiple_choice(tiny_model, smol_tokenizer, [ex], return_details=True)
+    assert res["scores"][0] == pytest.approx(_reference_scores(tiny_model, smol_tokenizer, ex), abs=1e-4)
+    assert res["scores"][0][0] == res["scores"][0][2]

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-from synthetic_rows import row, write_jsonl
+from .synthetic_rows import row, write_jsonl
 
 from rlora.config import DataConfig, TaskSpec
 from rlora.data import DataError, load_tasks, read_task_dir, task_names

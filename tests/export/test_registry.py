@@ -182,6 +182,22 @@ def test_export_from_run_id_logs_the_report(adapters, data_dir, mlflow_env, tmp_
 
 
 @pytest.mark.slow
+def test_failed_upload_registers_nothing(adapters, mlflow_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow_env["uri"]
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")                                     # artifacts cannot be written below a file
+    MlflowClient(tracking_uri=uri).create_experiment("broken", artifact_location=blocker.as_uri())
+    with pytest.raises(ExportError, match="nothing was registered"):
+        register(adapters["lora"], name="rlora-broken", tracking_uri=uri, experiment="broken")
+    assert _versions(uri, "rlora-broken") == []
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("broken").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.slow
 def test_killed_registration_registers_nothing(adapters, mlflow_env):
     uri = mlflow_env["uri"]
     run_and_kill(["register", str(adapters["lora"]), "--name", "rlora-killed", "--tracking-uri", uri])
