@@ -44,7 +44,11 @@ def peft_layer(base: nn.Linear, r: int) -> nn.Module:
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine two threads mostly measure noise)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT, bias=False).requires_grad_(False)
     x = torch.randn(4, TOKENS // 4, D_IN, requires_grad=True)
@@ -81,7 +85,7 @@ def main() -> None:
     for k, v in ratios.items():
         if k == "frozen base":
             continue
-        key = k.replace(" ", "_").replace("=", "").replace("rlora_", "")
+        key = k.replace("peft lora r=", "peft_lora_r") if k.startswith("peft") else k.split()[1] + "_vs_base"
         figures[key] = figure(v, "<=1.15" if k.startswith("rlora") else "info")
     emit("layer_overhead", figures, args.json)
 

@@ -113,5 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m rlora.cli`: use the imported module, where sub-commands register
+    from rlora.cli import main as _main
+
+    sys.exit(_main())

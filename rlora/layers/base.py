@@ -64,15 +64,15 @@ class MultiHeadLoRALinear(nn.Module):
         return self.lora_B.reshape(self.d_out, self.num_heads * self.r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged_task is not None:
-            return out
+            return self.base(x)
         lead = x.shape[:-1]
-        u = self.rank_features(x.reshape(-1, self.d_in))
-        # in place: the base output is not needed by autograd, so the up-projection of all heads is
-        # accumulated into it without another pass over the [T, d_out] activations
-        out.view(-1, self.d_out).addmm_(u.to(out.dtype), self.up_weight().t())
-        return out
+        x2d = x.reshape(-1, self.d_in)
+        out = self.base(x2d)                                   # W0 x, [T, d_out]
+        # accumulate u B_catᵀ into the base output in place: it is a fresh tensor autograd does not
+        # need (not a view), so there is no extra pass over the [T, d_out] activations either way
+        out.addmm_(self.rank_features(x2d).to(out.dtype), self.up_weight().t())
+        return out.view(*lead, self.d_out)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x

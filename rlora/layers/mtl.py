@@ -61,9 +61,7 @@ class MTLLoRALinear(MultiHeadLoRALinear):
         return ids.to(self.lora_A.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged_task is not None:
-            return self.base(x)
-        self._batch = x.shape[0] if x.dim() > 2 else 1
+        self._batch = x.shape[0] if x.dim() > 2 else 1  # rank_features sees flattened tokens
         return super().forward(x)
 
     def rank_features(self, x: torch.Tensor) -> torch.Tensor:

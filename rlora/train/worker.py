@@ -82,7 +82,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from ..data import load_tasks, tokenize_tasks, truncation_counts
+    from ..data import load_tasks, prompt_templates, tokenize_tasks, truncation_counts
     from ..inject import inject
     from ..models import load_tokenizer
     from ..sampler import TaskSampler
@@ -103,7 +103,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     names = list(cfg.adapter.tasks)
     train = load_tasks(cfg.data, "train")
     dev = load_tasks(cfg.data, cfg.eval.split)
-    tokenized = tokenize_tasks(tokenizer, train, cfg.data.max_length, cfg.data.use_chat_template)
+    tokenized = tokenize_tasks(tokenizer, train, cfg.data.max_length, cfg.data.use_chat_template,
+                               templates=prompt_templates(cfg.data))
     truncated = truncation_counts(tokenized)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.trainer

@@ -52,7 +52,7 @@ def test_zero3_adapter_equals_zero0(local_ray, tiny_model_dir, task_dir, tmp_pat
     assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_worker_failure_resumes_exactly(local_ray, tiny_model_dir, task_dir, tmp_path, stage):
     """A worker dies at step 5 (checkpoint at 3); Ray restarts the group, it resumes at step 3 and ends
     with the same adapter, the same data order and one MLflow run with no repeated steps."""
