@@ -1,6 +1,7 @@
 """Helpers shared by the tests (importable as `helpers`: pyproject sets pythonpath = tests)."""
 import json
 import random
+import socket
 from pathlib import Path
 
 import torch
@@ -60,3 +61,9 @@ def run_config(model_dir, data_dir, out_dir, **overrides):
     }
     raw = apply_overrides(raw, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
     return validate_config(raw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

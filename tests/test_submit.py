@@ -1,6 +1,5 @@
 """`rlora submit` against a real local Ray head started for the test (127.0.0.1, its own temp dir)."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,16 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import write_tasks
+from helpers import free_port, write_tasks
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
