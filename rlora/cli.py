@@ -52,6 +52,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Per-task accuracy of a base model, or of a base model + adapter, on a task directory (one process)."""
+    import json
+
+    from .adapter_io import load_adapter, read_adapter_config
+    from .config import DataConfig
+    from .data import evaluate_tasks, load_tasks
+    from .models import load_base_model, load_tokenizer
+
+    base = args.base_model
+    names: list[str] = []
+    if args.adapter:
+        acfg = read_adapter_config(args.adapter)
+        base = base or acfg.base_model or "smollm2-135m"
+        names = list(acfg.tasks)
+    base = base or "smollm2-135m"
+    dev = load_tasks(DataConfig(path=args.data, max_length=args.max_length), args.split)
+    model = load_base_model(base)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    model.eval()
+    res = evaluate_tasks(model, load_tokenizer(base), dev, names or list(dev), batch_size=args.batch_size,
+                         max_length=args.max_length, max_examples_per_task=args.max_examples,
+                         length_normalized=args.length_normalized)
+    from .train.launcher import results_table
+
+    print(results_table({"results_after": res}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlora", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
@@ -61,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML run config (e.g. examples/configs/cpu_demo.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20 adapter.r=16")
     t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="per-task dev accuracy of a base model or an adapter")
+    e.add_argument("--data", required=True, help="task directory in the interchange format")
+    e.add_argument("--adapter", help="adapter directory (rlora.save_adapter format)")
+    e.add_argument("--base-model", help="default: the adapter's base model, else smollm2-135m")
+    e.add_argument("--split", default="dev")
+    e.add_argument("--max-examples", type=int, default=None, help="per task")
+    e.add_argument("--max-length", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--length-normalized", action="store_true")
+    e.add_argument("--out", help="write the metrics as JSON")
+    e.set_defaults(fn=cmd_evaluate)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
