@@ -4,6 +4,7 @@ from .config import AdapterConfig, ConfigError, RunConfig, load_config
 from .context import task_ids
 from .inject import adapter_layers, count_parameters, inject, merge, unmerge
 from .layers import AdapterError
+from .models import ModelLoadError, load_tokenizer, prepare_default_model
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,4 @@ def load_base_model(name_or_path: str = "smollm2-135m", **kwargs):
 
 __all__ = ["AdapterConfig", "AdapterError", "ConfigError", "RunConfig", "load_config", "inject", "task_ids",
            "save_adapter", "load_adapter", "merge", "unmerge", "load_base_model", "adapter_layers",
-           "count_parameters"]
+           "count_parameters", "ModelLoadError", "load_tokenizer", "prepare_default_model"]
