@@ -305,7 +305,7 @@ class EvalConfig(_Section):
 class DiagnosticsConfig(_Section):
     enabled: bool = True
     every_n_steps: int = 50
-    probe_batch_size: int = 4
+    probe_batch_size: int = 2
 
 
 class RunConfig(_Section):

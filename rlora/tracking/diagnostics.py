@@ -40,7 +40,7 @@ from torch import nn
 
 from ..context import task_ids as task_ids_context
 from ..inject import adapter_layers
-from ..layers import HydraLoRALinear, MTLLoRALinear, MultiHeadLoRALinear
+from ..layers import HydraLoRALinear, MTLLoRALinear
 
 PREFIX = "diag"
 _REQUIRED = ("input_ids", "attention_mask", "task_ids")
@@ -424,7 +424,10 @@ def _gradient_pass(model: nn.Module, probe: Mapping[str, Mapping], num_tasks: in
                 recorder.begin(b["attention_mask"])
             with torch.enable_grad():
                 loss, _, _ = forward_loss(model, b, num_tasks)
-                grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
+                if loss.requires_grad:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                else:
+                    grads = [None] * len(params)
             rows[t] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                                  for g, p in zip(grads, params)])
             del grads, loss
@@ -533,7 +536,10 @@ def run_diagnostics(model: nn.Module, probe: Optional[Mapping[str, Mapping]], ta
     """All diagnostics in one pass: head geometry from the parameters, and — when a probe is given —
     one forward + ``autograd.grad`` per task that yields both the interference matrix and the router
     statistics (gates captured during the same forwards).  ``interference=False`` (or no trainable
-    adapter parameter) runs the probe without gradients, for the router only."""
+    adapter parameter) runs the probe without gradients, for the router only.
+
+    Cost: the parameter part is negligible (SmolLM2-135M, 210 layers: ~0.05 s CPU); the probe part is
+    one forward + backward of the probe rows, e.g. 6 tasks x 2 rows ≈ 3 training steps of 4 rows."""
     start = time.perf_counter()
     task_names = list(task_names)
     if probe:

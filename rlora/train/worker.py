@@ -73,6 +73,27 @@ def _evaluate(model, tokenizer, cfg: RunConfig, dev: dict, names: list[str], ran
     return {t: merge_metrics([p[t] for p in parts]) for t in dev}
 
 
+def _diagnostics(engine, cfg: RunConfig, probe: dict, names: list[str], sampler, tracker, step: int):
+    """Head diagnostics on every rank (identical inputs → identical results; no rank-0-only autograd
+    under DeepSpeed's hooks); rank 0 logs metrics and plots. Returns the [T, T] task-conflict matrix."""
+    from ..tracking.diagnostics import run_diagnostics
+
+    stage3 = cfg.deepspeed.stage == 3
+    with gathered(engine.module, cfg.deepspeed.stage):
+        # under ZeRO-3 the probe runs forward-only (router usage): per-task autograd.grad through
+        # partitioned parameters is not supported, so the interference matrix is left out there
+        diag = run_diagnostics(engine.module, probe, names, interference=not stage3)
+    engine.module.train()
+    if tracker:
+        tracker.log_metrics(diag.metrics(), step)
+        with tempfile.TemporaryDirectory(prefix="rlora-diag-") as d:
+            from ..tracking.plots import save_diagnostic_plots
+
+            save_diagnostic_plots(diag, d, history=sampler.history)
+            tracker.log_artifacts(d, f"diagnostics/step_{step:06d}")
+    return diag.conflict
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -170,6 +191,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     # ---- train
     T = len(names)
+    probe = None
+    if cfg.diagnostics.enabled:
+        from ..tracking.diagnostics import make_probe
+
+        probe = make_probe(tokenized, names, pad_id, cfg.diagnostics.probe_batch_size)
     engine.train()
     window_tokens, window_t0, first_step_s = 0, time.time(), None
     train_tokens, train_t0 = 0, None
@@ -209,7 +235,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         stats = all_reduce_sum(torch.cat([sums, counts]))
         task_loss = (stats[:T] / stats[T:].clamp(min=1)).tolist()
         task_loss = [x if c > 0 else float("nan") for x, c in zip(task_loss, stats[T:].tolist())]
-        sampler.update(task_loss)
+        conflict = None
+        if probe is not None and (global_step % cfg.diagnostics.every_n_steps == 0 or global_step == total_steps):
+            conflict = _diagnostics(engine, cfg, probe, names, sampler, tracker, global_step)
+        sampler.update(task_loss, conflict=conflict)
         step_loss = float(stats[:T].sum() / stats[T:].sum().clamp(min=1))
         loss_hist.append(step_loss)
 

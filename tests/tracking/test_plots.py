@@ -49,7 +49,8 @@ def test_interference_router_mixing_and_task_weight_plots(tmp_path):
     usage = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [1 / 3] * 3])
     check_png(P.plot_router_usage(usage, names, tmp_path / "router.png", entropy=[0.7, 0.5, 0.99, 1.0]))
     check_png(P.plot_mtl_mixing(usage, names, tmp_path / "mix.png", lambda_dev=[0.1, 0.2, 0.0, 1.5]))
-    history = [{"step": s, "probabilities": [0.25 + 0.001 * s, 0.25, 0.25, 0.25 - 0.001 * s]} for s in range(0, 100, 10)]
+    history = [{"step": s, "probabilities": [0.25 + 0.001 * s, 0.25, 0.25, 0.25 - 0.001 * s]}
+               for s in range(0, 100, 10)]
     check_png(P.plot_task_weights(history, names, tmp_path / "weights.png"))
 
 

@@ -38,6 +38,15 @@ def test_two_workers_train_and_loss_falls(local_ray, tiny_model_dir, task_dir, t
     tensors = adapter_tensors(res)
     assert tensors and all(t.numel() > 0 for t in tensors.values())
     assert set(s["results_after"]) == {"parity", "sign", "size"}
+    # head diagnostics: metrics with sane values and PNG plots in the run's artifacts
+    client = MlflowClient(res.tracking_uri)
+    metrics = client.get_run(res.mlflow_run_id).data.metrics
+    assert -1.0 <= metrics["diag/head_cos_B/mean"] <= 1.0
+    assert 0.0 <= metrics["diag/router_entropy/mean"] <= 1.0
+    if stage != 3:  # the interference matrix needs per-task gradients (not under ZeRO-3)
+        assert -1.0 <= metrics["diag/interference/mean"] <= 1.0
+    arts = [a.path for a in client.list_artifacts(res.mlflow_run_id, "diagnostics/step_000012")]
+    assert any(p.endswith("head_similarity.png") for p in arts) and any(p.endswith("task_weights.png") for p in arts)
 
 
 def test_zero3_adapter_equals_zero0(local_ray, tiny_model_dir, task_dir, tmp_path):
