@@ -67,3 +67,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def worker_pids() -> list[int]:
+    """Pids of live Ray Train worker processes on this machine."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any("RayTrainWorker" in part
+                                                                for part in (p.info["cmdline"] or [])):
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return pids

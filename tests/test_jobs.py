@@ -1,7 +1,6 @@
 """jobs/ entrypoints: each one runs and documents a runnable example; evaluate works end to end."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

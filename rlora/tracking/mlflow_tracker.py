@@ -58,6 +58,30 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _unreachable(uri: str, err: Exception) -> TrackingError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return TrackingError(f"MLflow at {uri} is unreachable or refused the request ({first[:160]}): start the "
+                         "server or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI")
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, writing nothing: a read-only request to a server; a writable folder for sqlite."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if uri.startswith("sqlite:"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        while not folder.exists():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow sqlite file {uri} cannot be created ({folder} is not writable): "
+                                "fix mlflow.tracking_uri or trainer.output_dir")
+        return
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise _unreachable(uri, err) from None
+
+
 def ensure_experiment(uri: str, name: str, artifact_location: Optional[str]) -> str:
     """Experiment id; creating it if needed. Raises TrackingError if MLflow does not answer."""
     if uri.startswith("sqlite:"):
@@ -71,9 +95,7 @@ def ensure_experiment(uri: str, name: str, artifact_location: Optional[str]) -> 
             return exp.experiment_id
         return c.create_experiment(name, artifact_location=artifact_location)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingError(f"MLflow at {uri} is unreachable or refused the request ({first[:160]}): start the "
-                            "server or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+        raise _unreachable(uri, err) from None
 
 
 def start_or_resume_run(cfg: RunConfig, run_name: str, config_yaml: Optional[str] = None) -> tuple[str, bool]:

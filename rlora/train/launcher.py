@@ -131,7 +131,9 @@ def _ray_init(cfg: RunConfig) -> None:
     if address:  # an existing cluster, e.g. inside `ray job submit`: the job's runtime env applies
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(runtime_env={"env_vars": env}, include_dashboard=False, dashboard_host=cfg.ray.dashboard_host,
+        # the dashboard (bound to 127.0.0.1 by default) serves Ray's state API, which Ray Train's
+        # placement-group cleaner polls; without it the logs fill with failed queries
+        ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host=cfg.ray.dashboard_host,
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
@@ -140,14 +142,13 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResu
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..distributed import rank0_print  # noqa: F401  (driver prints freely; it is not a rank)
     from ..tracking import mlflow_tracker
 
     cfg = preflight(cfg)
     run_name = default_run_name(cfg)
     storage = storage_path(cfg)
     if cfg.mlflow.enabled:  # MLflow must answer before anything starts
-        mlflow_tracker.ensure_experiment(*mlflow_tracker.resolve(cfg))
+        mlflow_tracker.check_reachable(mlflow_tracker.resolve(cfg)[0])
     _ray_init(cfg)
     check_resources(cfg, storage)
     if is_local_path(storage):

@@ -3,7 +3,6 @@ multi-task folders in the interchange format, and one local Ray instance shared 
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import write_tasks
 

@@ -8,12 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from helpers import run_config
+from helpers import run_config, worker_pids
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -57,17 +56,6 @@ def test_worker_dies_at_three_points(local_ray, straight, tiny_model_dir, task_d
     assert sorted(m.step for m in hist) == list(range(1, 7))
 
 
-def _worker_pids():
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
-                pids.append(p.pid)
-        except psutil.Error:
-            pass
-    return pids
-
-
 def _loss_steps(uri, exp):
     from mlflow.tracking import MlflowClient
 
@@ -97,7 +85,7 @@ def test_sigkill_a_worker_from_outside(tiny_model_dir, task_dir, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and max(_loss_steps(uri, "tests") or [0]) < 6:
             time.sleep(1)
-        pids = _worker_pids()
+        pids = worker_pids()
         assert pids, "no RayTrainWorker process found"
         os.kill(pids[-1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
@@ -152,7 +140,6 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
 
 def test_truncated_checkpoint_shards_fail_loudly(local_ray, tiny_model_dir, task_dir, tmp_path):
     """A checkpoint whose DeepSpeed shard is truncated is refused with the path named, not half-loaded."""
-    from rlora.train.checkpoint import CheckpointError
     from rlora.train.launcher import run_training
 
     first = run_training(run_config(tiny_model_dir, task_dir, tmp_path, trainer__run_name="trunc",

@@ -1,5 +1,4 @@
 """Multi-node on one machine: ray.cluster_utils.Cluster with two 1-CPU nodes, one worker on each."""
-import os
 
 import pytest
 

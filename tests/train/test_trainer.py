@@ -1,14 +1,12 @@
 """The distributed trainer with real Ray workers, real DeepSpeed engines and real MLflow (tiny models)."""
-import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from rlora.config import ConfigError
 from rlora.train.launcher import run_training
-from helpers import run_config
+from helpers import run_config, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -99,15 +97,14 @@ def test_rerun_same_run_name_resumes(local_ray, tiny_model_dir, task_dir, tmp_pa
 def test_config_errors_fail_before_any_worker(local_ray, tiny_model_dir, task_dir, tmp_path):
     import ray
 
-    def no_new_actors():
-        return [a for a in ray.util.state.list_actors() if a.state == "ALIVE"]
-
-    before = len(no_new_actors())
+    free = ray.available_resources().get("CPU")
     with pytest.raises(ConfigError, match="target_modules"):
         run_training(run_config(tiny_model_dir, task_dir, tmp_path, adapter__target_modules="[c_attn]"))
     with pytest.raises(ConfigError, match="adapter.tasks"):
         run_training(run_config(tiny_model_dir, task_dir, tmp_path, adapter__tasks="[a, b]"))
     with pytest.raises(ConfigError, match="needs 8 CPU"):
         run_training(run_config(tiny_model_dir, task_dir, tmp_path, ray__num_workers=8))
-    assert len(no_new_actors()) == before
+    assert not worker_pids(), "no training worker may start for a bad config"
+    assert ray.available_resources().get("CPU") == free
     assert not (tmp_path / "ray_results").exists() or not any((tmp_path / "ray_results").iterdir())
+    assert not (tmp_path / "mlflow.db").exists()
