@@ -9,14 +9,6 @@ from rlora import models
 from rlora.models import ModelLoadError, load_base_model, load_tokenizer, prepare_default_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def smol():
     prepare_default_model()          # downloads and converts once per cache; a no-op afterwards

@@ -30,6 +30,14 @@ def left_padded_batch(features: Sequence[dict], pad_token_id: int, task_ids: Seq
     return out
 
 
+def next_micro_batch(sampler, tokenized: dict, names: list[str], pad_token_id: int, device) -> dict:
+    """The sampler's next (task, example) slots for this rank as a left-padded batch on ``device``."""
+    slots = sampler.next_batch()
+    feats = [tokenized[names[ti]][ei] for ti, ei in slots]
+    batch = left_padded_batch(feats, pad_token_id, [ti for ti, _ in slots])
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 def forward_loss(model, batch: dict, num_tasks: int):
     """Mean next-token loss over answer tokens, plus (loss_sum, count) per task for logging/balancing."""
     from ..context import task_ids

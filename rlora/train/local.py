@@ -85,7 +85,7 @@ def train_local(cfg: RunConfig, model=None, tokenizer=None, progress: bool = Tru
     from ..inject import count_parameters, inject
     from ..models import load_base_model, load_tokenizer
     from ..sampler import TaskSampler
-    from .batches import forward_loss, left_padded_batch
+    from .batches import forward_loss, next_micro_batch
     from .engine import lr_lambda
 
     t_start = time.time()
@@ -150,10 +150,7 @@ def train_local(cfg: RunConfig, model=None, tokenizer=None, progress: bool = Tru
         sums = torch.zeros(T)
         counts = torch.zeros(T)
         for _ in range(ga):
-            slots = sampler.next_batch()
-            feats = [tokenized[names[ti]][ei] for ti, ei in slots]
-            batch = left_padded_batch(feats, pad_id, [ti for ti, _ in slots])
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            batch = next_micro_batch(sampler, tokenized, names, pad_id, device)
             loss, s, c = forward_loss(model, batch, T)
             (loss / ga).backward()
             sums += s.float().cpu()

@@ -108,7 +108,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     from ..models import load_tokenizer
     from ..sampler import TaskSampler
     from . import checkpoint as ckpt
-    from .batches import forward_loss, left_padded_batch
+    from .batches import forward_loss, next_micro_batch
     from .engine import build_engine, ds_config, init_comm
 
     cfg = RunConfig.model_validate(payload["config"])
@@ -217,10 +217,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         sums = torch.zeros(T)
         counts = torch.zeros(T)
         for _ in range(ga):
-            slots = sampler.next_batch()
-            feats = [tokenized[names[ti]][ei] for ti, ei in slots]
-            batch = left_padded_batch(feats, pad_id, [ti for ti, _ in slots])
-            batch = {k: (v.to(engine.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            batch = next_micro_batch(sampler, tokenized, names, pad_id, engine.device)
             loss, s, c = forward_loss(engine, batch, T)
             engine.backward(loss)
             engine.step()

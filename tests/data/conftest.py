@@ -4,15 +4,6 @@ import torch
 from .synthetic_rows import row, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the 2-core machine is shared, and spinning OpenMP threads slow everyone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def make_task(tmp_path):
     """make_task(name, train_rows, dev_rows) -> folder, with synthetic yes/no rows by default."""
