@@ -49,3 +49,39 @@ def test_local_storage_refused_on_two_nodes(two_node_cluster, tiny_model_dir, ta
     monkeypatch.delenv("RLORA_SHARED_LOCAL_STORAGE")
     with pytest.raises(ConfigError, match="local path but the cluster has 2 nodes"):
         run_training(run_config(tiny_model_dir, task_dir, tmp_path, ray__storage_path=str(tmp_path / "local")))
+
+
+def test_lost_node_recovers_when_capacity_returns(two_node_cluster, tiny_model_dir, task_dir, tmp_path):
+    """A node dies mid-run (its worker with it); Ray Train waits for capacity, a replacement node joins,
+    and the run resumes from the newest complete checkpoint to the configured final step."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from rlora.train.launcher import run_training
+
+    cfg = run_config(tiny_model_dir, task_dir, tmp_path, trainer__max_steps=16, trainer__save_steps=2,
+                     trainer__run_name="lost-node", ray__storage_path=str(tmp_path / "shared"), ray__max_failures=2)
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.setdefault("res", run_training(cfg)), daemon=True)
+    th.start()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        c = MlflowClient(uri)
+        e = c.get_experiment_by_name("tests")
+        runs = c.search_runs([e.experiment_id]) if e else []
+        steps = [m.step for r in runs for m in c.get_metric_history(r.info.run_id, "train/loss")]
+        if max(steps or [0]) >= 5:
+            break
+        time.sleep(0.5)
+    worker_node = [n for n in two_node_cluster.worker_nodes][0]
+    two_node_cluster.remove_node(worker_node)          # the node and the rank on it are gone
+    time.sleep(5)
+    two_node_cluster.add_node(num_cpus=1)              # capacity returns
+    th.join(timeout=600)
+    assert "res" in out, "the run did not finish after the replacement node joined"
+    s = out["res"].summary
+    assert s["global_step"] == 16 and s["resumed_from_step"] >= 4
+    assert len(set(s["worker_nodes"])) == 2
