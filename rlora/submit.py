@@ -87,8 +87,16 @@ def submit(config: str, overrides: list[str], address: str, wait: bool, pip: Opt
     entrypoint = f"python jobs/train.py --config {_quote(config_arg)} {quoted}".strip()
     client = JobSubmissionClient(address)
     sid = submission_id(client, run_name)
-    client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
-                      entrypoint_num_cpus=entrypoint_num_cpus, metadata={"rlora.run_name": run_name})
+    deadline = time.time() + 120
+    while True:  # a head that just started may not have its job agent up yet
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
+                              entrypoint_num_cpus=entrypoint_num_cpus, metadata={"rlora.run_name": run_name})
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
     print(f"[rlora] submitted {sid} (run {run_name}) to {address}\n  entrypoint: {entrypoint}\n"
           f"  logs: ray job logs --address {address} {sid} --follow", flush=True)
     if not wait:

@@ -69,15 +69,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_pids() -> list[int]:
-    """Pids of live Ray Train worker processes on this machine."""
+def worker_pids(root: int | None = None) -> list[int]:
+    """Pids of live Ray Train worker processes started under ``root`` (default: this process), so a
+    test never touches Ray processes that other programs on the machine started."""
+    import os
+
     import psutil
 
+    try:
+        procs = psutil.Process(root or os.getpid()).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
     pids = []
-    for p in psutil.process_iter(["cmdline", "status"]):
+    for p in procs:
         try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and any("RayTrainWorker" in part
-                                                                for part in (p.info["cmdline"] or [])):
+            if p.status() != psutil.STATUS_ZOMBIE and any("RayTrainWorker" in part for part in p.cmdline()):
                 pids.append(p.pid)
         except psutil.Error:
             pass

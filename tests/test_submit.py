@@ -15,7 +15,10 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head` with token auth off for this throwaway head; stops only what it started."""
+    """`ray start --head` with token auth off for this throwaway head. Teardown stops only the processes
+    this head started (those naming its temp dir, and their descendants), never other Ray clusters."""
+    import psutil
+
     temp = Path("/tmp") / f"rh{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
     # as with an activated venv: the head and the job entrypoint find this environment's python
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -27,8 +30,21 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**env, "RAY_TMPDIR": str(temp)},
-                       capture_output=True)
+        ours = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp) in c for c in (p.info["cmdline"] or []))]
+        family = {p.pid: p for p in ours}
+        for p in ours:
+            try:
+                family.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.Error:
+                pass
+        for p in family.values():
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+        for p in alive:
+            p.kill()
 
 
 def test_submit_wait_succeeds_and_records_adapter_and_mlflow(ray_head, tiny_model_dir, tmp_path):

@@ -85,7 +85,7 @@ def test_sigkill_a_worker_from_outside(tiny_model_dir, task_dir, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and max(_loss_steps(uri, "tests") or [0]) < 6:
             time.sleep(1)
-        pids = worker_pids()
+        pids = worker_pids(proc.pid)  # only this run's workers
         assert pids, "no RayTrainWorker process found"
         os.kill(pids[-1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
