@@ -202,14 +202,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     t_loop = time.time()
     loss_hist: list[float] = []
 
-    def report(final_extra: dict | None = None) -> None:
+    def report(write=None) -> None:
+        """Checkpoint on every rank and report it to Ray; ``write(dir)`` adds the final adapter/results."""
         with tempfile.TemporaryDirectory(prefix="rlora-ckpt-") as d:
             ckpt.save(engine, Path(d), rank, {
                 "global_step": global_step, "sampler": sampler.state_dict(), "run_name": run["run_name"],
                 "mlflow_run_id": run.get("mlflow_run_id"), "results_before": results_before,
                 "total_steps": total_steps})
-            if final_extra:
-                final_extra["write"](Path(d))
+            if write is not None:
+                write(Path(d))
             ray.train.report({"global_step": global_step, "loss": loss_hist[-1] if loss_hist else float("nan")},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -302,4 +303,4 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     if tracker:
         tracker.log_metrics({f"eval/{k}/accuracy": v["accuracy"] for k, v in results_after.items()}, global_step)
-    report({"write": write})
+    report(write)
