@@ -19,10 +19,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
+from .dropout import dropout
 
 
 class AdapterError(ValueError):
@@ -75,7 +75,7 @@ class MultiHeadLoRALinear(nn.Module):
         return out.view(*lead, self.d_out)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        return dropout(x, self.dropout_p, self.training)
 
     # ----------------------------------------------------------------------------------------
     def delta_weight(self, task: Optional[int] = None) -> torch.Tensor:
