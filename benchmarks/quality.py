@@ -80,6 +80,7 @@ class Settings:
     logging_steps: int = 25
     dynamic_interval: int = 10
     dynamic_window: int = 10
+    probe_rows: int = 8
 
 
 # a smoke run; the dynamic sampler re-weights every 2 steps so that its path runs too
@@ -144,7 +145,28 @@ def summarize(results: dict) -> dict:
             "worst": acc[worst], "worst_task": worst}
 
 
-def train_one(s: Settings, data: Path, method: str, rank: int, strategy: str, tokenizer, eval_before: bool) -> dict:
+def diagnose(model, probe: dict, tasks: list[str]) -> dict:
+    """The trained adapters' head and task diagnostics (:func:`rlora.tracking.diagnostics.run_diagnostics`
+    on a probe of training rows): did the heads collapse, how do the routers and mixings spread, do
+    the tasks' gradients conflict at the end of training?"""
+    from rlora.tracking.diagnostics import run_diagnostics
+
+    d = run_diagnostics(model, probe, tasks)
+    m = d.metrics()
+    out = {k: m.get(f"diag/{k}/{stat}") for k, stat in (("head_cos_BA", "mean"), ("head_cos_B", "mean"),
+                                                         ("eff_rank", "mean"), ("head_norm", "mean"),
+                                                         ("router_entropy", "mean"), ("lambda_dev", "mean"))}
+    out["interference_mean"] = m.get("diag/interference/mean")
+    out["interference_min"] = m.get("diag/interference/min")
+    out["interference"] = None if d.interference is None else d.interference.tolist()
+    out["router_usage"] = None if d.router is None else np.asarray(d.router["usage"]).tolist()
+    out["mtl_mixing"] = None if d.mtl is None else np.asarray(d.mtl["mixing"]).tolist()
+    out["seconds"] = d.seconds
+    return out
+
+
+def train_one(s: Settings, data: Path, method: str, rank: int, strategy: str, tokenizer, eval_before: bool,
+              probe: Optional[dict] = None) -> dict:
     from rlora.models import load_base_model
     from rlora.train.local import train_local
 
@@ -161,10 +183,24 @@ def train_one(s: Settings, data: Path, method: str, rank: int, strategy: str, to
            "sampler_history": out["sampler_history"][-20:], **summarize(out["results_after"])}
     if out["results_before"] is not None:
         res["zero_shot"] = summarize(out["results_before"])
+    if probe:
+        res["diagnostics"] = diagnose(out["model"], probe, out["tasks"])
     del out
     print(f"   mean {res['mean']:.3f} | worst {res['worst']:.3f} ({res['worst_task']}) | "
           f"loss {res['train_loss_first']:.3f} -> {res['train_loss_last']:.3f} | {wall:.0f}s", flush=True)
     return res
+
+
+def make_diagnostics_probe(s: Settings, data: Path, train: dict, tasks: list[str], tokenizer) -> dict:
+    """The first ``probe_rows`` training rows of every task, encoded as in training."""
+    from rlora.data import prompt_templates, tokenize_tasks
+    from rlora.tracking.diagnostics import make_probe
+
+    dcfg = run_config(s, data, "lora", s.r, "proportional").data
+    first = {t: train[t][:s.probe_rows] for t in tasks}
+    tokenized = tokenize_tasks(tokenizer, first, s.max_length, s.use_chat_template, prompt_templates(dcfg))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return make_probe(tokenized, tasks, pad, per_task=s.probe_rows)
 
 
 def same_as_proportional(sizes, strategy: str, names) -> bool:
@@ -233,13 +269,49 @@ def markdown(report: dict) -> str:
         note = " (= proportional: same distribution)" if r.get("reused") and sname != "proportional" else ""
         lines.append(row(f"{LABELS[report['best_method']]} + {sname}{note}", r, f"{r['trainable_params']:,}"))
     lines += ["", "± is the binomial standard error of the task mean (dev rows are few: differences of about a "
-              "point are within it).", "", "Targets:", ""]
+              "point are within it).", ""]
+    lines += diagnostics_table(report)
+    lines += ["Targets:", ""]
     for name, f in report["figures"].items():
         if f["target"] != "info":
             ok = report["checks"].get(name)
             lines.append(f"- `{name}` = {f['value']:+.2f} {f['unit']} (target {f['target']}): "
                          f"{'holds' if ok else 'missed'}")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def diagnostics_table(report: dict) -> list[str]:
+    """Head and task diagnostics of every trained run (empty when none were taken)."""
+    runs = [(f"{LABELS[m]}", report["runs"][m]) for m in report["methods"]]
+    runs += [(f"{LABELS[report['best_method']]} + {k}", r) for k, r in report["sampler_runs"].items()
+             if not r.get("reused")]
+    runs = [(name, r["diagnostics"]) for name, r in runs if r.get("diagnostics")]
+    if not runs:
+        return []
+    tasks = report["tasks"]
+    lines = ["Diagnostics after training (probe: the first "
+             f"{report['settings']['probe_rows']} training rows of each task): head cosine = mean over layers "
+             "of the mean pairwise cosine of the head updates B_i A (1 = collapsed heads); effective rank of "
+             "each head's update (of r); router entropy H(g)/log N (1 = uniform routing); ‖Λ_t − I‖ (MTL); task "
+             "interference = cosine between two tasks' adapter gradients (negative = they conflict), mean and "
+             "most negative pair.", "",
+             "| run | head cosine (B_i A) | effective rank | router entropy | ‖Λ_t − I‖ | interference mean | "
+             "most conflicting pair |", "|---|---|---|---|---|---|---|"]
+    for name, d in runs:
+        pair = "–"
+        if d.get("interference") is not None:
+            c = np.array(d["interference"], dtype=float)
+            np.fill_diagonal(c, np.inf)
+            a, b = sorted(np.unravel_index(np.nanargmin(c), c.shape))
+            pair = f"{tasks[a]} / {tasks[b]} ({c[a, b]:+.2f})"
+        lines.append(f"| {name} | {_fmt(d.get('head_cos_BA'))} | {_fmt(d.get('eff_rank'), '.1f')} | "
+                     f"{_fmt(d.get('router_entropy'))} | {_fmt(d.get('lambda_dev'))} | "
+                     f"{_fmt(d.get('interference_mean'), '+.2f')} | {pair} |")
+    return lines + [""]
 
 
 def chart(report: dict, path: Path) -> None:
@@ -314,6 +386,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     sizes = [len(v) for v in train.values()]
     dev_sizes = [len(v) for v in load_tasks(DataConfig(path=str(data)), "dev").values()]
     tokenizer = load_tokenizer(s.model)
+    probe = make_diagnostics_probe(s, data, train, tasks, tokenizer)
     shapes = module_shapes(load_base_model(s.model), s.target_modules)
     if not shapes:
         raise SystemExit(f"error: target modules {list(s.target_modules)} match no linear layer of {s.model}")
@@ -332,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     runs: dict[str, dict] = {}
     for i, m in enumerate(METHODS):
         rank = rank_lora if m == "lora" else s.r
-        runs[m] = train_one(s, data, m, rank, "proportional", tokenizer, eval_before=(i == 0))
+        runs[m] = train_one(s, data, m, rank, "proportional", tokenizer, eval_before=(i == 0), probe=probe)
         runs[m]["budget"] = budgets[m]
         if runs[m]["trainable_params"] != budgets[m]["total"]:
             raise SystemExit(f"error: {m} has {runs[m]['trainable_params']:,} trainable parameters, the budget "
@@ -349,7 +422,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 print(f"\n== {strat}: same probabilities as proportional on this data (identical draws): reused")
         else:
             sampler_runs[strat] = train_one(s, data, best, rank_lora if best == "lora" else s.r, strat, tokenizer,
-                                            eval_before=False)
+                                            eval_before=False, probe=probe)
     wall = time.time() - t_start
 
     # ---- figures and checks
