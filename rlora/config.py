@@ -164,7 +164,7 @@ class SamplerConfig(_Section):
     # dynamic (DWA-style) balancing
     dynamic_tau: float = Field(1.0, description="dynamic: w_t ~ exp(r_t / tau)")
     dynamic_floor: float = Field(0.05, description="dynamic: minimum probability per task (x 1/T)")
-    dynamic_interval: int = Field(10, description="dynamic: steps between re-weightings")
+    dynamic_interval: int = Field(10, description="dynamic: optimizer steps between re-weightings")
     dynamic_window: int = Field(10, description="dynamic: steps averaged for a loss")
     dynamic_signal: Literal["loss_ratio", "loss_ratio+conflict"] = "loss_ratio"
     dynamic_conflict_weight: float = Field(

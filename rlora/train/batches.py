@@ -30,6 +30,16 @@ def left_padded_batch(features: Sequence[dict], pad_token_id: int, task_ids: Seq
     return out
 
 
+def sampler_config(cfg):
+    """``cfg.sampler`` for a sampler that draws micro-batches: ``dynamic_interval`` is given in
+    optimizer steps, the sampler counts micro-batches, so it is scaled by the accumulation steps
+    (the loss window counts ``update`` calls, once per optimizer step, and needs no change)."""
+    ga = cfg.trainer.gradient_accumulation_steps
+    if ga == 1:
+        return cfg.sampler
+    return cfg.sampler.model_copy(update={"dynamic_interval": cfg.sampler.dynamic_interval * ga})
+
+
 def next_micro_batch(sampler, tokenized: dict, names: list[str], pad_token_id: int, device) -> dict:
     """The sampler's next (task, example) slots for this rank as a left-padded batch on ``device``."""
     slots = sampler.next_batch()

@@ -85,7 +85,7 @@ def train_local(cfg: RunConfig, model=None, tokenizer=None, progress: bool = Tru
     from ..inject import count_parameters, inject
     from ..models import load_base_model, load_tokenizer
     from ..sampler import TaskSampler
-    from .batches import forward_loss, next_micro_batch
+    from .batches import forward_loss, next_micro_batch, sampler_config
     from .engine import lr_lambda
 
     t_start = time.time()
@@ -103,7 +103,7 @@ def train_local(cfg: RunConfig, model=None, tokenizer=None, progress: bool = Tru
     tokenized = tokenize_tasks(tokenizer, train, cfg.data.max_length, cfg.data.use_chat_template,
                                prompt_templates(cfg.data))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampler = TaskSampler([len(tokenized[n]) for n in names], cfg.sampler, batch_size=t.per_device_train_batch_size,
+    sampler = TaskSampler([len(tokenized[n]) for n in names], sampler_config(cfg), batch_size=t.per_device_train_batch_size,
                           rank=0, world_size=1, seed=t.seed, task_names=names,
                           max_steps=t.max_steps * ga if t.max_steps else None, num_epochs=t.num_train_epochs)
     total_steps = t.max_steps or max(1, math.ceil(sampler.total_steps / ga))

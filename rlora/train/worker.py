@@ -108,7 +108,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     from ..models import load_tokenizer
     from ..sampler import TaskSampler
     from . import checkpoint as ckpt
-    from .batches import forward_loss, next_micro_batch
+    from .batches import forward_loss, next_micro_batch, sampler_config
     from .engine import build_engine, ds_config, init_comm
 
     cfg = RunConfig.model_validate(payload["config"])
@@ -130,7 +130,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.trainer
     ga = t.gradient_accumulation_steps
-    sampler = TaskSampler([len(tokenized[n]) for n in names], cfg.sampler, batch_size=t.per_device_train_batch_size,
+    sampler = TaskSampler([len(tokenized[n]) for n in names], sampler_config(cfg), batch_size=t.per_device_train_batch_size,
                           rank=rank, world_size=world, seed=t.seed, task_names=names,
                           max_steps=t.max_steps * ga if t.max_steps else None, num_epochs=t.num_train_epochs)
     total_steps = t.max_steps or max(1, math.ceil(sampler.total_steps / ga))

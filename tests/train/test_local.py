@@ -116,10 +116,12 @@ def test_accumulation_schedule_and_dynamic_sampler(model_dir, task_dir, tmp_path
     out = train_local(cfg, progress=False)
     assert out["total_steps"] == 12 and len(out["train_loss"]) == 12
     hist = out["sampler_history"]
-    # the sampler counts micro-batches: 12 optimizer steps x 2 = 24, a re-weighting every 4 of them
-    assert [h["step"] for h in hist] == [0, 4, 8, 12, 16, 20, 24]
-    # the loss ratios need 2W = 4 observations (one per optimizer step): unchanged at 4, moved at 8
-    assert hist[1]["probabilities"] == hist[0]["probabilities"] != hist[2]["probabilities"]
+    # dynamic_interval counts optimizer steps; the sampler's own step counts micro-batches (12 x 2 = 24):
+    # a re-weighting every 4 optimizer steps = 8 micro-batches (0: the initial probabilities)
+    assert [h["step"] for h in hist] == [0, 8, 16, 24]
+    assert out["config"]["sampler"]["dynamic_interval"] == 4
+    # the loss ratios need 2W = 4 observations (one per optimizer step): there at the first re-weighting
+    assert hist[0]["probabilities"] != hist[1]["probabilities"]
     assert all(abs(sum(h["probabilities"]) - 1) < 1e-9 for h in hist)
     assert [s for s, _ in out["eval_history"]] == [6]
     assert set(out["eval_history"][0][1]) == {"parity", "sign", "size"}
@@ -147,3 +149,4 @@ def test_progress_lines(model_dir, task_dir, tmp_path, capsys):
     train_local(cfg, progress=True)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[rlora] step")]
     assert len(lines) == 2 and "4/4" in lines[-1] and "tok/s" in lines[-1]
+
