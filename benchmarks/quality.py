@@ -24,6 +24,7 @@ max_length 128; 200 steps of 8 rows (1,600 rows, ~27% of an epoch of mtl_cpu6), 
 accuracies mean nothing) -- it also prints the full grid's estimated time at the measured speed.
 
     python benchmarks/quality.py [--data DIR] [--quick] [--json] [--threads N] [--steps N] [--eval-examples N]
+                                 [--seed N] [--out DIR]
 
 ``--data`` is any directory in the JSONL interchange format (one folder per task), with any number of
 tasks; the default ``../shared/data/mtl_cpu6`` is resolved from the repository root.
@@ -355,6 +356,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (overrides the preset)")
     ap.add_argument("--eval-examples", type=int, default=None, help="dev rows per task (overrides the preset)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the adapter init, dropout and sampler (default 42)")
     ap.add_argument("--model", default=None, help="base model: 'smollm2-135m' (default) or a local HF model folder")
     ap.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
@@ -367,6 +369,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         s.eval_examples = args.eval_examples
     if args.model:
         s.model = args.model
+    if args.seed is not None:
+        s.seed = args.seed
     data = Path(args.data).expanduser()
     if not data.is_absolute() and not data.exists():
         data = REPO / data
@@ -476,7 +480,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{'holds' if ok else 'MISSED'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "quality_quick" if args.quick else "quality"
+    stem = "quality" + ("_quick" if args.quick else "") + (f"_seed{s.seed}" if s.seed != Settings.seed else "")
     md = markdown(report)
     (out / f"{stem}.md").write_text(md, encoding="utf-8")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n", encoding="utf-8")
