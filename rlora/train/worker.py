@@ -199,6 +199,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     engine.train()
     window_tokens, window_t0, first_step_s = 0, time.time(), None
     train_tokens, train_t0 = 0, None
+    side_s = 0.0  # seconds of diagnostics, mid-run eval and checkpoints: not part of training throughput
     t_loop = time.time()
     loss_hist: list[float] = []
 
@@ -234,8 +235,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         task_loss = (stats[:T] / stats[T:].clamp(min=1)).tolist()
         task_loss = [x if c > 0 else float("nan") for x, c in zip(task_loss, stats[T:].tolist())]
         conflict = None
+        t_side = time.time()  # diagnostics, mid-run eval and checkpoints are timed apart from training
         if probe is not None and (global_step % cfg.diagnostics.every_n_steps == 0 or global_step == total_steps):
             conflict = _diagnostics(engine, cfg, probe, names, sampler, tracker, global_step)
+        side_s += time.time() - t_side
         sampler.update(task_loss, conflict=conflict)
         step_loss = float(stats[:T].sum() / stats[T:].sum().clamp(min=1))
         loss_hist.append(step_loss)
@@ -257,6 +260,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 m.update({f"sampler/p/{n}": float(p) for n, p in zip(names, sampler.probabilities)})
                 tracker.log_metrics(m, global_step)
 
+        t_side = time.time()
         if cfg.eval.every_n_steps and global_step % cfg.eval.every_n_steps == 0 and global_step < total_steps:
             with gathered(engine.module, cfg.deepspeed.stage):
                 res = _evaluate(engine.module, tokenizer, cfg, dev, names, rank, world)
@@ -273,8 +277,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
         if global_step % t.save_steps == 0 and global_step < total_steps:
             report()
+        side_s += time.time() - t_side
 
-    train_elapsed = (time.time() - train_t0) if train_t0 else None
+    train_elapsed = (time.time() - train_t0 - side_s) if train_t0 else None
     # ---- evaluate, export, final checkpoint
     results_after = {}
     if dev:
