@@ -15,7 +15,7 @@ Protocol (one process, :func:`rlora.train.local.train_local`, same base model, s
    best mean accuracy. A static sampler whose distribution equals proportional's exactly (balanced
    data) would replay the proportional run draw for draw, so that run is reused and marked.
 
-Full-grid settings (2 CPU cores, about an hour on mtl_cpu6: 5 trainings, 6 evaluations): SmolLM2-135M
+Full-grid settings (46 min measured on 2 idle CPU cores, mtl_cpu6: 5 trainings, 6 evaluations): SmolLM2-135M
 (``smollm2-135m``), adapters on q_proj, v_proj, o_proj, down_proj; r = 8, N = 3 heads, alpha = 2 x
 rank, dropout 0.05; plain prompt layout (no chat template: ~37 instead of ~64 tokens a row),
 max_length 128; 200 steps of 8 rows (1,600 rows, ~27% of an epoch of mtl_cpu6), AdamW lr 1e-3,
