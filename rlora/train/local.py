@@ -103,7 +103,8 @@ def train_local(cfg: RunConfig, model=None, tokenizer=None, progress: bool = Tru
     tokenized = tokenize_tasks(tokenizer, train, cfg.data.max_length, cfg.data.use_chat_template,
                                prompt_templates(cfg.data))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampler = TaskSampler([len(tokenized[n]) for n in names], sampler_config(cfg), batch_size=t.per_device_train_batch_size,
+    sampler = TaskSampler([len(tokenized[n]) for n in names], sampler_config(cfg),
+                          batch_size=t.per_device_train_batch_size,
                           rank=0, world_size=1, seed=t.seed, task_names=names,
                           max_steps=t.max_steps * ga if t.max_steps else None, num_epochs=t.num_train_epochs)
     total_steps = t.max_steps or max(1, math.ceil(sampler.total_steps / ga))

@@ -130,7 +130,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.trainer
     ga = t.gradient_accumulation_steps
-    sampler = TaskSampler([len(tokenized[n]) for n in names], sampler_config(cfg), batch_size=t.per_device_train_batch_size,
+    sampler = TaskSampler([len(tokenized[n]) for n in names], sampler_config(cfg),
+                          batch_size=t.per_device_train_batch_size,
                           rank=rank, world_size=world, seed=t.seed, task_names=names,
                           max_steps=t.max_steps * ga if t.max_steps else None, num_epochs=t.num_train_epochs)
     total_steps = t.max_steps or max(1, math.ceil(sampler.total_steps / ga))
