@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     text = Path(args.config).read_text(encoding="utf-8")
-    result = run_training(cfg, config_yaml=text)
+    result = run_training(cfg, config_yaml=text, local=args.local)
     s = result.summary
     print("\n[rlora] per-task dev accuracy (examples not trained on):")
     print(results_table(s))
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="multi-task fine-tune with Ray Train + DeepSpeed")
     t.add_argument("config", help="YAML run config (e.g. examples/configs/cpu_demo.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20 adapter.r=16")
+    t.add_argument("--local", action="store_true",
+                   help="train in this process (world size 1, the same loop and DeepSpeed engine) without Ray")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="per-task dev accuracy of a base model or an adapter")

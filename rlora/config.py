@@ -141,7 +141,6 @@ class DataConfig(_Section):
     max_length: int = 256
     max_train_examples_per_task: Optional[int] = None
     use_chat_template: bool = True
-    num_workers: int = 0
 
     @field_validator("max_length")
     @classmethod
@@ -216,12 +215,12 @@ class TrainerConfig(_Section):
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 42
-    bf16: bool = False
+    bf16: bool = Field(False, description="bfloat16 autocast for the forward pass (fp32 adapter weights, "
+                                          "optimizer and loss); CPU and GPU")
     output_dir: str = "outputs"
     run_name: Optional[str] = None
     logging_steps: int = 5
     save_steps: int = 50
-    save_total_limit: int = 2
     resume_from_checkpoint: Optional[str] = Field(
         None, description="unset/'auto': the newest checkpoint of the same run name; 'never'; or a checkpoint path")
     fail_at_step: Optional[int] = Field(None, description="fault injection: a worker dies once at this step")
@@ -322,8 +321,6 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":
-        if self.trainer.bf16 and not self.ray.use_gpu:
-            raise ValueError("trainer.bf16 needs a GPU: set ray.use_gpu=true or trainer.bf16=false")
         if self.model.torch_dtype != "float32" and not self.ray.use_gpu:
             raise ValueError(f"model.torch_dtype={self.model.torch_dtype} needs a GPU on this path: use float32 on CPU")
         return self
@@ -377,7 +374,21 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {loc}: {msg}{more}"
 
 
+# Fields that were removed or renamed: an old config gets a one-line error naming the replacement.
+REMOVED_FIELDS = {
+    ("trainer", "save_total_limit"): "it is ray.num_to_keep (checkpoints kept per run)",
+    ("data", "num_workers"): "rows are loaded in the training process; remove it",
+}
+
+
+def _check_removed(raw: dict, source: str) -> None:
+    for (section, key), fix in REMOVED_FIELDS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{source}: {section}.{key} was removed: {fix}")
+
+
 def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    _check_removed(raw, source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

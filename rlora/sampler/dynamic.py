@@ -41,7 +41,7 @@ import numpy as np
 from rlora.config import SamplerConfig
 
 from .errors import SamplerError
-from .strategies import proportional
+from .strategies import apply_task_weights, proportional
 
 HISTORY_LIMIT = 1000  # re-weightings kept in ``history`` (and in the state) for logging
 
@@ -49,9 +49,9 @@ HISTORY_LIMIT = 1000  # re-weightings kept in ``history`` (and in the state) for
 class DynamicBalancer:
     """Holds the loss history and the current probabilities of the ``dynamic`` strategy."""
 
-    def __init__(self, task_sizes: np.ndarray, cfg: SamplerConfig):
+    def __init__(self, task_sizes: np.ndarray, cfg: SamplerConfig, task_weights=None):
         self.num_tasks = len(task_sizes)
-        self.prior = proportional(task_sizes)
+        self.prior = apply_task_weights(proportional(task_sizes), task_weights)
         self._log_prior_list = np.log(self.prior).tolist()
         self.tau = float(cfg.dynamic_tau)
         self.floor = float(cfg.dynamic_floor)

@@ -39,7 +39,8 @@ from rlora.config import SamplerConfig
 from .dynamic import DynamicBalancer
 from .errors import SamplerError
 from .streams import BLOCK_STEPS, PermutationStore, UniformStream
-from .strategies import compute_probabilities, steps_per_epoch, validate_task_sizes
+from .strategies import (apply_task_weights, compute_probabilities, steps_per_epoch, validate_task_sizes,
+                         validate_task_weights)
 
 STATE_VERSION = 1
 
@@ -75,6 +76,9 @@ class TaskSampler:
             ``(seed, task, epoch)``.
         task_names: names for messages, logging and ``cfg.probabilities`` (default ``"0".."T-1"``).
         max_steps / num_epochs: the budget (at most one).
+        task_weights: per-task weights ``w`` [T] (``data.tasks[].weight``): the strategy's
+            probabilities become ``p_t w_t / sum_s p_s w_s`` (for ``dynamic``, its prior); refused
+            with ``round_robin`` (no probabilities) and ``probabilities`` (give them directly).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class TaskSampler:
         task_names: Sequence[str] | None = None,
         max_steps: int | None = None,
         num_epochs: float | None = None,
+        task_weights: Sequence[float] | None = None,
     ):
         if not isinstance(cfg, SamplerConfig):
             raise SamplerError(f"cfg must be a rlora.config.SamplerConfig, got {type(cfg).__name__}")
@@ -119,8 +124,9 @@ class TaskSampler:
 
         self.strategy = cfg.strategy
         self.homogeneous = cfg.batch_composition == "homogeneous"
-        self._probs = compute_probabilities(sizes, cfg, names)
-        self._dynamic = DynamicBalancer(sizes, cfg) if self.strategy == "dynamic" else None
+        self.task_weights = validate_task_weights(task_weights, cfg, names)
+        self._probs = apply_task_weights(compute_probabilities(sizes, cfg, names), self.task_weights)
+        self._dynamic = (DynamicBalancer(sizes, cfg, self.task_weights) if self.strategy == "dynamic" else None)
         # tasks that can be drawn; only they count for the epoch budget
         self._active = self._probs > 0
         if self.homogeneous:
@@ -271,6 +277,7 @@ class TaskSampler:
             "world_size": self.world_size,
             "seed": self.seed,
             "config": self.cfg.model_dump(mode="json"),
+            "task_weights": self.task_weights,
         }
 
     def state_dict(self) -> dict:

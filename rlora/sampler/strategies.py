@@ -150,6 +150,35 @@ def compute_probabilities(
     )
 
 
+def validate_task_weights(weights: Sequence[float] | None, cfg: SamplerConfig,
+                          task_names: Sequence[str]) -> list[float] | None:
+    """Check per-task weights (``data.tasks[].weight``); ``None`` or all ones means no weighting."""
+    if weights is None:
+        return None
+    w = [float(x) for x in weights]
+    if len(w) != len(task_names):
+        raise SamplerError(f"{len(w)} task weights for {len(task_names)} tasks: give one weight per task")
+    for name, x in zip(task_names, w):
+        if not (math.isfinite(x) and x >= 0):
+            raise SamplerError(f"data.tasks[{name}].weight must be a finite number >= 0, got {x}")
+    if not any(x > 0 for x in w):
+        raise SamplerError("every data.tasks[].weight is 0: give at least one task a positive weight")
+    if all(x == 1.0 for x in w):
+        return None
+    if cfg.strategy in ("round_robin", "probabilities"):
+        raise SamplerError(f"data.tasks[].weight does not combine with sampler.strategy={cfg.strategy}: "
+                           "remove the weights or use proportional, temperature, capped, uniform or dynamic")
+    return w
+
+
+def apply_task_weights(p: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
+    """``p_t w_t / sum_s p_s w_s`` (``p`` unchanged without weights)."""
+    if weights is None:
+        return p
+    q = p * np.asarray(weights, dtype=np.float64)
+    return q / q.sum()
+
+
 def steps_per_epoch(
     task_sizes: Sequence[int],
     probabilities: Sequence[float],

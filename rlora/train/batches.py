@@ -2,6 +2,7 @@
 LM head (a 49k-vocabulary matmul) runs only on the last ``K + 1`` positions that predict answer tokens."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -30,16 +31,6 @@ def left_padded_batch(features: Sequence[dict], pad_token_id: int, task_ids: Seq
     return out
 
 
-def sampler_config(cfg):
-    """``cfg.sampler`` for a sampler that draws micro-batches: ``dynamic_interval`` is given in
-    optimizer steps, the sampler counts micro-batches, so it is scaled by the accumulation steps
-    (the loss window counts ``update`` calls, once per optimizer step, and needs no change)."""
-    ga = cfg.trainer.gradient_accumulation_steps
-    if ga == 1:
-        return cfg.sampler
-    return cfg.sampler.model_copy(update={"dynamic_interval": cfg.sampler.dynamic_interval * ga})
-
-
 def next_micro_batch(sampler, tokenized: dict, names: list[str], pad_token_id: int, device) -> dict:
     """The sampler's next (task, example) slots for this rank as a left-padded batch on ``device``."""
     slots = sampler.next_batch()
@@ -48,14 +39,27 @@ def next_micro_batch(sampler, tokenized: dict, names: list[str], pad_token_id: i
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def forward_loss(model, batch: dict, num_tasks: int):
-    """Mean next-token loss over answer tokens, plus (loss_sum, count) per task for logging/balancing."""
+def answer_tokens(batch: dict) -> int:
+    """Answer tokens (positions that carry loss) in a micro-batch from :func:`left_padded_batch`."""
+    return int((batch["labels"][:, -batch["keep"]:][:, 1:] != IGNORE_INDEX).sum())
+
+
+def forward_loss(model, batch: dict, num_tasks: int, normalizer: float | None = None, autocast: bool = False):
+    """The answer-token loss of a micro-batch, plus (loss_sum, count) per task for logging/balancing.
+
+    The loss is ``sum of token losses / normalizer`` (default: this micro-batch's answer tokens, the
+    mean). The training loop passes the optimizer step's answer tokens over all micro-batches and
+    ranks, scaled back by the engine's averaging, so that the gradient is the per-token mean of the
+    whole step whatever the split into micro-batches and ranks. ``autocast``: the forward in bfloat16
+    autocast (fp32 weights); the loss is always taken in fp32.
+    """
     from ..context import task_ids
 
-    with task_ids(batch["task_ids"]):
+    amp = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    with task_ids(batch["task_ids"]), amp:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
     labels = batch["labels"][:, -batch["keep"]:].to(out.logits.device)
     loss_sum, count = per_task_loss(out.logits, labels, batch["task_ids"], num_tasks)
-    loss = loss_sum.sum() / count.sum().clamp(min=1)
+    loss = loss_sum.sum() / (normalizer if normalizer is not None else count.sum().clamp(min=1))
     return loss, loss_sum.detach(), count.detach()

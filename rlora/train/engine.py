@@ -36,7 +36,7 @@ def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bool(t.bf16)},
+        "bf16": {"enabled": False},  # trainer.bf16 is autocast around the forward (fp32 adapter + optimizer)
         "fp16": {"enabled": False},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -86,6 +86,24 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
         return max(0.0, 1.0 - progress)
 
     return f
+
+
+def load_model(cfg: RunConfig, ds_conf: dict):
+    """The base model in ``model.torch_dtype``; under ZeRO-3 partitioned while it loads."""
+    from ..models import load_base_model
+
+    kw = dict(dtype=cfg.model.torch_dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.deepspeed.stage != 3:
+        model = load_base_model(cfg.model.name_or_path, **kw)
+        return model.to("cuda") if cfg.ray.use_gpu and torch.cuda.is_available() else model
+    # HF from_pretrained builds the model under deepspeed.zero.Init while this object is alive,
+    # so every rank holds only its partition of the base weights from the start.
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_conf)
+    model = load_base_model(cfg.model.name_or_path, **kw)
+    model._rlora_hf_ds_config = keep  # must stay referenced while the engine lives
+    return model
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_steps: int):

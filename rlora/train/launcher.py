@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,23 +49,15 @@ def preflight(cfg: RunConfig) -> RunConfig:
     from ..data import load_tasks
     from ..inject import inject
     from ..layers import AdapterError
-    from ..sampler import TaskSampler
+    from .data_setup import build_sampler, resolve_tasks
 
     if not cfg.data.path and not cfg.data.tasks:
         raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task "
                           "(e.g. examples/data/bigbench_default)")
     train = load_tasks(cfg.data, "train")
     load_tasks(cfg.data, cfg.eval.split)
-    names = list(train)
-    if not cfg.adapter.tasks:
-        cfg.adapter.tasks = names
-    elif list(cfg.adapter.tasks) != names:
-        raise ConfigError(f"adapter.tasks {cfg.adapter.tasks} differ from the data's tasks {names}: "
-                          "remove adapter.tasks or list the same tasks in the same order")
-    t = cfg.trainer
-    TaskSampler([len(v) for v in train.values()], cfg.sampler, batch_size=t.per_device_train_batch_size,
-                rank=0, world_size=cfg.ray.num_workers, seed=t.seed, task_names=names,
-                max_steps=t.max_steps, num_epochs=t.num_train_epochs)
+    names = resolve_tasks(cfg, list(train))
+    build_sampler(cfg, [len(v) for v in train.values()], names, 0, cfg.ray.num_workers)
     # model: the weights are prepared once here (not raced by the workers); the target modules are
     # checked against a meta-device copy, which allocates nothing
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -137,11 +128,9 @@ def _ray_init(cfg: RunConfig) -> None:
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
-def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResult:
-    """Train as configured. Everything that can fail fast fails before a worker starts."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool) -> tuple[RunConfig, dict[str, Any], Optional[str]]:
+    """The driver's part, before any training process starts: preflight, MLflow reachable, Ray up and
+    large enough, the run's name, storage folder, resume point and MLflow run."""
     from ..tracking import mlflow_tracker
 
     cfg = preflight(cfg)
@@ -149,12 +138,17 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResu
     storage = storage_path(cfg)
     if cfg.mlflow.enabled:  # MLflow must answer before anything starts
         mlflow_tracker.check_reachable(mlflow_tracker.resolve(cfg)[0])
-    _ray_init(cfg)
-    check_resources(cfg, storage)
+    if local and not is_local_path(storage):
+        raise ConfigError(f"ray.storage_path={storage} is remote: a local run keeps checkpoints on a local path "
+                          "(unset ray.storage_path or run without --local)")
+    if not local:
+        _ray_init(cfg)
+        check_resources(cfg, storage)
     if is_local_path(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
-    run: dict[str, Any] = {"run_name": run_name, "started_at": time.time(), "storage_dir": str(Path(storage) / run_name)
-                           if is_local_path(storage) else tempfile.gettempdir()}
+    # remote storage: the workers scan no folder; Ray Train hands over the run's own latest checkpoint
+    run: dict[str, Any] = {"run_name": run_name, "started_at": time.time(),
+                           "storage_dir": str(Path(storage) / run_name) if is_local_path(storage) else None}
     run["resume_from"] = find_resume_checkpoint(cfg, storage, run_name)
     if run["resume_from"]:
         print(f"[rlora] run {run_name} has a checkpoint: resuming from {run['resume_from']}", flush=True)
@@ -165,6 +159,26 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResu
         run["mlflow_run_id"], resumed = mlflow_tracker.start_or_resume_run(cfg, run_name, cfg_yaml)
         run["tracking_uri"] = uri
         print(f"[rlora] MLflow run {run['mlflow_run_id']} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
+    where = "this process" if local else f"{cfg.ray.num_workers} Ray workers"
+    print(f"[rlora] run {run_name}: {where}, ZeRO-{cfg.deepspeed.stage}, method {cfg.adapter.method}, "
+          f"tasks {cfg.adapter.tasks}; checkpoints in {storage}/{run_name}", flush=True)
+    return cfg, run, uri
+
+
+def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool = False) -> TrainResult:
+    """Train as configured: Ray Train workers, or (``local``) the same loop in this process with world
+    size 1. Everything that can fail fast fails before a worker starts."""
+    cfg, run, uri = start_run(cfg, config_yaml, local)
+    if local:
+        from .loop import Trainer
+        from .runtime import LocalRuntime
+
+        runtime = LocalRuntime(Path(run["storage_dir"]), cfg.ray.num_to_keep)
+        Trainer(cfg, runtime, run).fit()
+        return _finish(cfg, run, runtime.latest, uri)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         _entry,
@@ -172,14 +186,15 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None) -> TrainResu
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=dict(cfg.ray.resources_per_worker)),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        run_config=RayRunConfig(name=run_name, storage_path=storage,
+        run_config=RayRunConfig(name=run["run_name"], storage_path=storage_path(cfg),
                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
     )
-    print(f"[rlora] run {run_name}: {cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.stage}, "
-          f"method {cfg.adapter.method}, tasks {cfg.adapter.tasks}; checkpoints in {storage}/{run_name}", flush=True)
     result = trainer.fit()
-    return _finish(cfg, run, result, uri)
+    if result.checkpoint is None:
+        return _finish(cfg, run, None, uri)
+    with result.checkpoint.as_directory() as d:
+        return _finish(cfg, run, Path(d), uri, checkpoint_path=result.checkpoint.path)
 
 
 def _entry(payload: dict) -> None:
@@ -188,27 +203,27 @@ def _entry(payload: dict) -> None:
     train_loop_per_worker(payload)
 
 
-def _finish(cfg: RunConfig, run: dict, result, uri: Optional[str]) -> TrainResult:
+def _finish(cfg: RunConfig, run: dict, ckpt_dir: Optional[Path], uri: Optional[str],
+            checkpoint_path: Optional[str] = None) -> TrainResult:
+    """Copy the final checkpoint's adapter into ``output_dir/<run>/adapter``; close the MLflow run."""
     from ..tracking import mlflow_tracker
 
-    ck = result.checkpoint
     summary: dict[str, Any] = {}
     adapter_dir = None
-    if ck is not None:
-        with ck.as_directory() as d:
-            d = Path(d)
-            if (d / "results.json").is_file():
-                summary = json.loads((d / "results.json").read_text())
-            if (d / "adapter").is_dir():
-                out = Path(cfg.trainer.output_dir).resolve() / run["run_name"] / "adapter"
-                tmp = out.parent / f".adapter.tmp-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(d / "adapter", tmp)
-                if out.exists():
-                    shutil.rmtree(out)
-                os.replace(tmp, out)
-                adapter_dir = out
+    if ckpt_dir is not None:
+        d = Path(ckpt_dir)
+        if (d / "results.json").is_file():
+            summary = json.loads((d / "results.json").read_text())
+        if (d / "adapter").is_dir():
+            out = Path(cfg.trainer.output_dir).resolve() / run["run_name"] / "adapter"
+            tmp = out.parent / f".adapter.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(d / "adapter", tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+            adapter_dir = out
     if run.get("mlflow_run_id") and uri:
         tracker = mlflow_tracker.Tracker(uri, run["mlflow_run_id"])
         if adapter_dir is not None and cfg.mlflow.log_artifacts:
@@ -216,7 +231,8 @@ def _finish(cfg: RunConfig, run: dict, result, uri: Optional[str]) -> TrainResul
         if summary:
             tracker.log_dict(summary, "results.json")
         tracker.finish("FINISHED")
-    return TrainResult(run["run_name"], adapter_dir, ck.path if ck else None, run.get("mlflow_run_id"), uri, summary)
+    return TrainResult(run["run_name"], adapter_dir, checkpoint_path or (str(ckpt_dir) if ckpt_dir else None),
+                       run.get("mlflow_run_id"), uri, summary)
 
 
 def results_table(summary: dict) -> str:

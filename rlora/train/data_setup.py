@@ -1,0 +1,85 @@
+"""The "set up data and sampler" phase: the tasks in task-id order, their tokenised training rows, the
+dev rows, and the sampler that gives this rank its slice of every global batch. The driver's
+preflight and every training process build them with the same functions."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError, RunConfig
+
+
+def resolve_tasks(cfg: RunConfig, data_names: list[str]) -> list[str]:
+    """The task names in task-id order; an empty ``adapter.tasks`` is filled from the data (in place)."""
+    if not cfg.adapter.tasks:
+        cfg.adapter.tasks = list(data_names)
+    elif list(cfg.adapter.tasks) != list(data_names):
+        raise ConfigError(f"adapter.tasks {list(cfg.adapter.tasks)} differ from the data's tasks {list(data_names)}: "
+                          "remove adapter.tasks or list the same tasks in the same order")
+    return list(cfg.adapter.tasks)
+
+
+def sampler_config(cfg: RunConfig):
+    """``cfg.sampler`` for a sampler that draws micro-batches: ``dynamic_interval`` is given in
+    optimizer steps, the sampler counts micro-batches, so it is scaled by the accumulation steps
+    (the loss window counts ``update`` calls, once per optimizer step, and needs no change)."""
+    ga = cfg.trainer.gradient_accumulation_steps
+    if ga == 1:
+        return cfg.sampler
+    return cfg.sampler.model_copy(update={"dynamic_interval": cfg.sampler.dynamic_interval * ga})
+
+
+def build_sampler(cfg: RunConfig, sizes: list[int], names: list[str], rank: int, world_size: int):
+    """The run's :class:`~rlora.sampler.TaskSampler` for one rank (micro-batches; the budget in them)."""
+    from ..sampler import TaskSampler
+
+    t = cfg.trainer
+    ga = t.gradient_accumulation_steps
+    return TaskSampler(sizes, sampler_config(cfg), batch_size=t.per_device_train_batch_size, rank=rank,
+                       world_size=world_size, seed=t.seed, task_names=names,
+                       max_steps=t.max_steps * ga if t.max_steps else None, num_epochs=t.num_train_epochs,
+                       task_weights=task_weights(cfg, names))
+
+
+def task_weights(cfg: RunConfig, names: list[str]) -> list[float] | None:
+    """``data.tasks[].weight`` in task order (1 where unset); ``None`` when no task sets one."""
+    given = {s.name: s.weight for s in cfg.data.tasks if s.weight is not None}
+    if not given:
+        return None
+    return [float(given.get(n, 1.0)) for n in names]
+
+
+def optimizer_steps(cfg: RunConfig, sampler) -> int:
+    """Optimizer steps of the run: ``max_steps``, or the sampler's epoch budget in whole optimizer steps."""
+    t = cfg.trainer
+    return t.max_steps or max(1, math.ceil(sampler.total_steps / t.gradient_accumulation_steps))
+
+
+@dataclass
+class TrainData:
+    names: list[str]
+    tokenized: dict[str, list]
+    dev: dict[str, list]
+    pad_id: int
+    truncated: dict[str, Any]
+    sampler: Any
+    total_steps: int
+
+    @property
+    def rows(self) -> int:
+        return sum(map(len, self.tokenized.values()))
+
+
+def load_train_data(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> TrainData:
+    from ..data import load_tasks, prompt_templates, tokenize_tasks, truncation_counts
+
+    train = load_tasks(cfg.data, "train")
+    names = resolve_tasks(cfg, list(train))
+    dev = load_tasks(cfg.data, cfg.eval.split)
+    tokenized = tokenize_tasks(tokenizer, train, cfg.data.max_length, cfg.data.use_chat_template,
+                               templates=prompt_templates(cfg.data))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampler = build_sampler(cfg, [len(tokenized[n]) for n in names], names, rank, world_size)
+    return TrainData(names, tokenized, dev, pad_id, truncation_counts(tokenized), sampler,
+                     optimizer_steps(cfg, sampler))

@@ -1,0 +1,372 @@
+"""The one training loop. The Ray worker (:mod:`rlora.train.worker`), the local run
+(:mod:`rlora.train.local`), the benchmarks and the tests all train through :class:`Trainer`::
+
+    Trainer(cfg, runtime, run).fit()
+        setup_data         tasks, tokenised rows, dev rows, this rank's sampler
+        build_model        base model (partitioned at load under ZeRO-3), adapters, DeepSpeed engine
+        resume             the newest checkpoint of this run, if any
+        start_tracking     the MLflow run (rank 0)
+        evaluate_before    zero-shot dev accuracy (skipped when resumed)
+        until the last step:
+            train_step     gradient accumulation over micro-batches, per-task losses all-reduced
+            diagnose       head/task diagnostics; the task-conflict signal for the sampler
+            log            progress line and metrics
+            evaluate       mid-run dev accuracy every ``eval.every_n_steps``
+            checkpoint     every ``trainer.save_steps``
+        finish             final evaluation, the adapter, results, the final checkpoint
+
+Every rank runs every phase; collectives (loss all-reduce, ZeRO-3 gathers, eval gathers) run on all
+ranks; side effects (printing, MLflow) are rank 0's (:mod:`rlora.distributed`). Time spent in
+diagnostics, mid-run evaluation and checkpoints is kept out of the training throughput.
+
+Momentum note: AdamW keeps moving a task's private parameters (MTL-LoRA's Λ_t and w_t) by their
+momentum in steps where that task is absent from the batch. With ``mixed`` batches every task is in
+nearly every optimizer step, so this is rare; we keep plain AdamW semantics.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..config import RunConfig
+from ..distributed import all_reduce_sum, gather_objects, rank0_print
+from . import checkpoint as ckpt
+from .fault_injection import maybe_exit
+from .runtime import Runtime
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def gathered(model, stage: int) -> Iterator[None]:
+    """Under ZeRO-3, gather the adapter parameters on every rank (a collective) for reading."""
+    if stage != 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+class _Clock:
+    """Wall time of the run, split into training and side work (diagnostics, mid-run eval, checkpoints)."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.loop_start: Optional[float] = None
+        self.first_step_s: Optional[float] = None
+        self.train_t0: Optional[float] = None  # steady state: after the first step
+        self.train_tokens = 0
+        self.side_s = 0.0
+        self.window_t0, self.window_tokens = time.time(), 0
+
+    @contextlib.contextmanager
+    def side(self) -> Iterator[None]:
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.side_s += time.time() - t0
+
+    def step_done(self, tokens: int) -> None:
+        self.window_tokens += tokens
+        if self.train_t0 is not None:
+            self.train_tokens += tokens
+        else:
+            self.first_step_s = time.time() - self.start
+            self.train_t0 = time.time()
+
+    def window(self) -> tuple[int, float]:
+        """Tokens and seconds since the last call."""
+        now = time.time()
+        out = (self.window_tokens, now - self.window_t0)
+        self.window_t0, self.window_tokens = now, 0
+        return out
+
+    def train_seconds(self) -> Optional[float]:
+        return None if self.train_t0 is None else time.time() - self.train_t0 - self.side_s
+
+
+class Trainer:
+    """One rank's training run; ``run`` holds the driver's decisions (run name, storage folder,
+    MLflow run id, tracking URI, explicit resume path, start time)."""
+
+    def __init__(self, cfg: RunConfig, runtime: Runtime, run: dict[str, Any], *, model=None, tokenizer=None,
+                 progress: bool = True):
+        self.cfg, self.rt, self.run = cfg, runtime, run
+        self.rank, self.world = runtime.rank, runtime.world_size
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
+        self.step = 0
+        self.resumed_from: Optional[int] = None
+        self.results_before: Optional[dict] = None
+        self.results_after: dict = {}
+        self.eval_history: list[tuple[int, dict]] = []
+        self.loss_hist: list[float] = []
+        self.task_hist: list[list[float]] = []
+        self.tracker = None
+        self.clock = _Clock()
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.setup_data()
+        self.build_model()
+        self.resume()
+        self.start_tracking()
+        self.evaluate_before()
+        self._say(f"[rlora] rank {self.rank}/{self.world}: ready in {time.time() - self.clock.start:.1f}s "
+                  f"({len(self.data.names)} tasks, {self.data.rows} train rows, {self.total_steps} steps, "
+                  f"ZeRO-{self.cfg.deepspeed.stage}, {self.trainable:,} trainable parameters)")
+        self.engine.train()
+        self.clock.loop_start = time.time()
+        while self.step < self.total_steps:
+            task_loss, step_loss = self.train_step()
+            conflict = self.diagnose()
+            self.data.sampler.update(task_loss, conflict=conflict)
+            self.log(task_loss, step_loss)
+            self.evaluate_mid_run()
+            maybe_exit(self.cfg.trainer.fail_at_step, self.step, self.rank, self.world, self.run.get("storage_dir"))
+            if self.step % self.cfg.trainer.save_steps == 0 and self.step < self.total_steps:
+                with self.clock.side():
+                    self.checkpoint()
+        return self.finish()
+
+    # ---- phases ---------------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        from ..models import load_tokenizer
+        from .data_setup import load_train_data
+
+        cfg = self.cfg
+        torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker.get("CPU", 1))))
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.data = load_train_data(cfg, self.tokenizer, self.rank, self.world)
+        self.total_steps = self.data.total_steps
+
+    def build_model(self) -> None:
+        from ..inject import count_parameters, inject
+        from .engine import build_engine, ds_config, init_comm, load_model
+
+        cfg, t = self.cfg, self.cfg.trainer
+        init_comm()
+        model = self.model if self.model is not None else load_model(cfg, ds_config(cfg, self.world))
+        torch.manual_seed(t.seed)  # identical adapter init on every rank, whatever the path
+        inject(model, cfg.adapter)
+        if t.gradient_checkpointing:
+            from ..context import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+        self.trainable = count_parameters(model)[0]
+        self.engine, _, _ = build_engine(model, cfg, self.world, self.total_steps)
+        torch.manual_seed(t.seed * 1000 + self.rank)  # per-rank dropout streams
+
+    def resume(self) -> None:
+        """Candidates: the checkpoint the runtime hands over (after a worker-group restart; it can lag
+        behind when the group failed right after a report), the newest complete checkpoint of this run
+        in its storage folder (none is handed over after a driver restart), else the driver's explicit
+        choice. Every rank sees the same candidates and takes the one with the highest step."""
+        run, t = self.run, self.cfg.trainer
+        with contextlib.ExitStack() as stack:
+            cands = []
+            handed = stack.enter_context(self.rt.restored_checkpoint())
+            if handed is not None:
+                cands.append(Path(handed))
+            storage = Path(run["storage_dir"]) if run.get("storage_dir") else None
+            local = ckpt.latest_in(storage, self.world) if storage is not None and storage.is_dir() else None
+            if local and not (t.resume_from_checkpoint == "never" and local.stat().st_mtime < run["started_at"]):
+                cands.append(local)
+            if not cands and run.get("resume_from"):
+                cands.append(Path(run["resume_from"]))
+            if not cands:
+                return
+            best = max(cands, key=lambda p: ckpt.read_state(p)["global_step"])
+            state = ckpt.load(self.engine, best, self.rank)
+        self.step = self.resumed_from = int(state["global_step"])
+        self.data.sampler.load_state_dict(state["sampler"])
+        self.results_before = state.get("results_before")
+        run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
+        self._say(f"[rlora] resumed from {best} at step {self.step}/{self.total_steps}")
+
+    def start_tracking(self) -> None:
+        if self.rank != 0 or not self.run.get("mlflow_run_id"):
+            return
+        from ..tracking.mlflow_tracker import Tracker
+
+        self.tracker = Tracker(self.run["tracking_uri"], self.run["mlflow_run_id"])
+        if self.step == 0:
+            self.tracker.log_metrics({f"data/truncated/{k}": v for k, v in self.data.truncated.items()}, step=0)
+
+    def evaluate_before(self) -> None:
+        if not self.cfg.eval.before_training or self.results_before is not None or not self.data.dev:
+            return
+        self.results_before = self.evaluate()
+        self._track({f"eval_before/{k}/accuracy": v["accuracy"] for k, v in self.results_before.items()}, 0)
+
+    def train_step(self) -> tuple[list[float], float]:
+        """One optimizer step over ``G`` micro-batches on every rank.
+
+        The gradient is the mean over the step's answer tokens (all micro-batches, all ranks): each
+        micro-batch loss is its token-loss sum divided by ``N / (G * W)``, with ``N`` the step's
+        all-reduced answer-token count, since DeepSpeed divides each loss by ``G`` and averages the
+        gradients over the ``W`` ranks. So 2 micro-batches of 2 rows equal 1 of 4, and the split over
+        ranks does not change the update. Returns the per-task mean answer-token loss over all ranks
+        (NaN for an absent task) and the step's mean loss."""
+        from .batches import answer_tokens, forward_loss, next_micro_batch
+
+        d, T, ga = self.data, len(self.data.names), self.cfg.trainer.gradient_accumulation_steps
+        batches = [next_micro_batch(d.sampler, d.tokenized, d.names, d.pad_id, self.engine.device) for _ in range(ga)]
+        n_tokens = all_reduce_sum(torch.tensor([float(sum(map(answer_tokens, batches)))])).item()
+        normalizer = max(n_tokens, 1.0) / (ga * self.world)
+        sums, counts = torch.zeros(T), torch.zeros(T)
+        for batch in batches:
+            loss, s, c = forward_loss(self.engine, batch, T, normalizer=normalizer, autocast=self.cfg.trainer.bf16)
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += s.float().cpu()
+            counts += c.float().cpu()
+        self.step += 1
+        self.clock.step_done(sum(b["tokens"] for b in batches))
+        stats = all_reduce_sum(torch.cat([sums, counts]))
+        task_loss = [float(x / c) if c > 0 else float("nan") for x, c in zip(stats[:T].tolist(), stats[T:].tolist())]
+        step_loss = float(stats[:T].sum() / stats[T:].sum().clamp(min=1))
+        self.loss_hist.append(step_loss)
+        self.task_hist.append(task_loss)
+        return task_loss, step_loss
+
+    def diagnose(self) -> Optional[Any]:
+        """Head diagnostics every ``diagnostics.every_n_steps`` (and at the last step) on every rank
+        (identical inputs give identical results); rank 0 logs metrics and plots. Returns the [T, T]
+        task-conflict matrix for the sampler (``None`` in other steps)."""
+        dc = self.cfg.diagnostics
+        if not dc.enabled or not (self.step % dc.every_n_steps == 0 or self.step == self.total_steps):
+            return None
+        from ..tracking.diagnostics import make_probe, run_diagnostics
+
+        with self.clock.side():
+            if not hasattr(self, "_probe"):
+                self._probe = make_probe(self.data.tokenized, self.data.names, self.data.pad_id, dc.probe_batch_size)
+            stage3 = self.cfg.deepspeed.stage == 3
+            with gathered(self.engine.module, self.cfg.deepspeed.stage):
+                # under ZeRO-3 the probe runs forward-only (router usage): per-task autograd.grad through
+                # partitioned parameters is not supported, so the interference matrix is left out there
+                diag = run_diagnostics(self.engine.module, self._probe, self.data.names, interference=not stage3)
+            self.engine.module.train()
+            self._track(diag.metrics(), self.step)
+            if self.tracker and self.cfg.mlflow.log_artifacts:
+                from ..tracking.plots import save_diagnostic_plots
+
+                with tempfile.TemporaryDirectory(prefix="rlora-diag-") as tmp:
+                    save_diagnostic_plots(diag, tmp, history=self.data.sampler.history)
+                    self.tracker.log_artifacts(tmp, f"diagnostics/step_{self.step:06d}")
+        return diag.conflict
+
+    def log(self, task_loss: list[float], step_loss: float) -> None:
+        t = self.cfg.trainer
+        if not (self.step % t.logging_steps == 0 or self.step == self.total_steps):
+            return
+        tokens, seconds = self.clock.window()
+        tps = all_reduce_sum(torch.tensor([float(tokens)])).item() / max(seconds, 1e-9)
+        elapsed = time.time() - self.clock.start
+        done = self.step - (self.resumed_from or 0)
+        eta = (self.total_steps - self.step) * (time.time() - self.clock.loop_start) / max(done, 1)
+        lr = self.engine.get_lr()[0]
+        self._say(f"[rlora] step {self.step:>5d}/{self.total_steps} {100 * self.step / self.total_steps:5.1f}% | "
+                  f"loss {step_loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e} | elapsed {format_duration(elapsed)} | "
+                  f"ETA {format_duration(eta)}")
+        names, sampler = self.data.names, self.data.sampler
+        m = {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_s": tps}
+        m.update({f"train/loss/{n}": v for n, v in zip(names, task_loss)})
+        m.update({f"sampler/p/{n}": float(p) for n, p in zip(names, sampler.probabilities)})
+        self._track(m, self.step)
+
+    def evaluate_mid_run(self) -> None:
+        every = self.cfg.eval.every_n_steps
+        if not every or self.step % every or self.step >= self.total_steps or not self.data.dev:
+            return
+        with self.clock.side():
+            res = self.evaluate()
+        self.eval_history.append((self.step, res))
+        self._track({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items()}, self.step)
+
+    def checkpoint(self, write=None) -> None:
+        """Every rank writes its shards + RNG (rank 0 the trainer state) and reports the checkpoint;
+        ``write(dir)`` adds the final adapter and results."""
+        if not self.rt.saves_checkpoints:
+            return
+        with tempfile.TemporaryDirectory(prefix="rlora-ckpt-") as d:
+            ckpt.save(self.engine, Path(d), self.rank, {
+                "global_step": self.step, "sampler": self.data.sampler.state_dict(),
+                "run_name": self.run["run_name"], "mlflow_run_id": self.run.get("mlflow_run_id"),
+                "results_before": self.results_before, "total_steps": self.total_steps})
+            if write is not None:
+                write(Path(d))
+            self.rt.report({"global_step": self.step, "loss": self.loss_hist[-1] if self.loss_hist else float("nan")},
+                           Path(d))
+
+    def finish(self) -> dict[str, Any]:
+        from ..adapter_io import adapter_state_dict, save_adapter
+
+        train_s = self.clock.train_seconds()
+        if self.data.dev:
+            self.results_after = self.evaluate()
+        with gathered(self.engine.module, self.cfg.deepspeed.stage):
+            state = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(self.engine.module).items()}
+        train_tokens = all_reduce_sum(torch.tensor([float(self.clock.train_tokens)])).item()
+        self.summary = {
+            "run_name": self.run["run_name"], "global_step": self.step, "total_steps": self.total_steps,
+            "results_before": self.results_before, "results_after": self.results_after,
+            "truncated": self.data.truncated, "time_to_first_step_s": self.clock.first_step_s,
+            "train_tokens_per_s": train_tokens / max(train_s, 1e-9) if train_s else None,
+            "train_seconds": train_s, "train_loss": self.loss_hist,
+            "train_loss_last": self.loss_hist[-1] if self.loss_hist else None,
+            "mlflow_run_id": self.run.get("mlflow_run_id"), "resumed_from_step": self.resumed_from,
+            "trainable_params": self.trainable, "sampler_state": self.data.sampler.state_dict(),
+            "worker_nodes": gather_objects(self.rt.node_id())}
+        self._track({f"eval/{k}/accuracy": v["accuracy"] for k, v in self.results_after.items()}, self.step)
+
+        def write(d: Path) -> None:
+            if self.rank == 0:
+                save_adapter(self.engine.module, d / "adapter", state=state,
+                             extra={"run_name": self.run["run_name"], "global_step": self.step})
+                (d / "results.json").write_text(json.dumps(self.summary, indent=1))
+
+        self.checkpoint(write)
+        return self.summary
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Per-task dev metrics, rows sharded over ranks and merged (a collective)."""
+        from ..data import evaluate_tasks, merge_metrics, prompt_templates
+
+        cfg, model = self.cfg, self.engine.module
+        with gathered(model, cfg.deepspeed.stage):
+            model.eval()
+            with torch.no_grad():
+                part = evaluate_tasks(model, self.tokenizer, self.data.dev, self.data.names,
+                                      batch_size=cfg.trainer.per_device_eval_batch_size,
+                                      length_normalized=cfg.eval.length_normalized, max_length=cfg.data.max_length,
+                                      use_chat_template=cfg.data.use_chat_template,
+                                      templates=prompt_templates(cfg.data),
+                                      max_examples_per_task=cfg.eval.max_examples_per_task, rank=self.rank,
+                                      world_size=self.world, progress=False)
+            model.train()
+        parts = gather_objects(part)
+        return {t: merge_metrics([p[t] for p in parts]) for t in self.data.dev}
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            rank0_print(line)
+
+    def _track(self, metrics: dict, step: int) -> None:
+        if self.tracker:
+            self.tracker.log_metrics(metrics, step)
