@@ -1,0 +1,183 @@
+"""The summary of :func:`summarize` as a markdown table, a forest plot (PNG) and a JSON dict.
+
+All three read only plain keys of the summary, so they work as well on a summary read back from the
+JSON file. Accuracies are printed in percent and differences in points (1 point = 0.01).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .cells import CompareError
+from .summary import summarize
+
+__all__ = ["forest_plot", "markdown_table", "summarize", "to_json"]
+
+PathLike = Union[str, Path]
+VERDICT_COLOURS = {"better": "#1a9850", "worse": "#d73027", "no detectable difference": "#555555"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _pts(x: float) -> str:
+    points = round(100 * x, 1)
+    return f"{points if points != 0 else 0.0:+.1f}"       # no "-0.0"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _row(values: Sequence[Any]) -> str:
+    return "| " + " | ".join(_cell(v) for v in values) + " |"
+
+
+def _statistic_name(statistic: str) -> str:
+    return {"mean": "macro mean", "worst": "worst task"}.get(statistic, f"task {statistic}")
+
+
+def _results(comparison: Mapping, statistics: Sequence[str]) -> list[dict]:
+    out = []
+    for s in statistics:
+        result = comparison[s] if s in ("mean", "worst") else comparison["tasks"].get(s)
+        if result is None:
+            raise CompareError(f"unknown statistic {s!r}: use 'mean', 'worst' or one of the tasks "
+                               f"{list(comparison['tasks'])}")
+        out.append(result)
+    return out
+
+
+def _results_of_all(comparisons: Sequence[Mapping], statistic: str) -> list[dict]:
+    return [_results(c, [statistic])[0] for c in comparisons]
+
+
+def _comparison_name(comparison: Mapping) -> str:
+    return comparison["label"] + ("" if comparison["seeds_resampled"] else " *")
+
+
+# --------------------------------------------------------------------------------------------
+def _arm_table(summary: Mapping) -> list[str]:
+    tasks = summary["tasks"]
+    lines = ["**Dev accuracy per arm** (%, mean over seeds; worst = the lowest task)", "",
+             _row(["method", "sampler", "seeds", *tasks, "mean", "worst"]),
+             _row(["---", "---", "---:", *["---:"] * len(tasks), "---:", "---"])]
+    for arm in summary["arms"]:
+        lines.append(_row([arm["method"], arm["sampler"], arm["n_seeds"],
+                           *[_pct(arm["tasks"][t]["acc"]) for t in tasks], _pct(arm["mean"]),
+                           f"{_pct(arm['worst'])} ({arm['worst_task']})"]))
+    return lines
+
+
+def _difference_table(summary: Mapping, per_task: bool) -> list[str]:
+    level = f"{100 * summary['level']:g} %"
+    statistics = ["mean", "worst", *(summary["tasks"] if per_task else [])]
+    lines = [f"**Paired differences A − B** (points; {level} percentile interval of a paired hierarchical "
+             f"bootstrap over seeds, then dev rows, {summary['n_boot']} resamples)", "",
+             _row(["comparison (A vs B)", "statistic", "seeds", "A", "B", "A − B", f"{level} CI", "verdict",
+                   "seeds for ±1 pt"]),
+             _row(["---", "---", "---:", "---:", "---:", "---:", "---", "---", "---:"])]
+    for comparison in summary["comparisons"]:
+        for s, r in zip(statistics, _results(comparison, statistics)):
+            need = r["seeds_to_resolve_1pt"]
+            lines.append(_row([_comparison_name(comparison), _statistic_name(s), comparison["n_seeds"],
+                               _pct(r["a"]), _pct(r["b"]), _pts(r["diff"]), f"[{_pts(r['lo'])}, {_pts(r['hi'])}]",
+                               r["verdict"], "–" if need is None else need]))
+    return lines
+
+
+def _footnotes(summary: Mapping) -> list[str]:
+    notes = []
+    if any(not c["seeds_resampled"] for c in summary["comparisons"]):
+        notes.append("\\* one seed: only dev rows were resampled, so the interval leaves out seed-to-seed variance.")
+    if any(c[s]["seeds_to_resolve_1pt"] is not None for c in summary["comparisons"] for s in ("mean", "worst")):
+        notes.append("Seeds for ±1 pt: seeds at which the interval's half-width would be 1 point, assuming it "
+                     "shrinks as 1/sqrt(seeds) (seed variance dominating).")
+    for c in summary["comparisons"]:
+        for side in ("a", "b"):
+            if c["dropped_seeds"][side]:
+                arm = c[side]
+                notes.append(f"{c['label']}: seeds {c['dropped_seeds'][side]} of {arm['method']}/{arm['sampler']} "
+                             "have no partner and were left out.")
+    notes += list(summary.get("notes", []))
+    return notes
+
+
+def markdown_table(summary: Mapping, per_task: bool = False) -> str:
+    """Markdown: one row per arm (per-task accuracy, mean, worst), then one row per comparison and
+    statistic (macro mean and worst task; every task too when ``per_task``) with the difference in
+    points, its interval and the verdict, then footnotes."""
+    lines = _arm_table(summary)
+    if summary["comparisons"]:
+        lines += ["", *_difference_table(summary, per_task)]
+    for note in _footnotes(summary):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+def forest_plot(summary: Mapping, path: PathLike, statistics: Sequence[str] = ("mean", "worst")) -> Path:
+    """Write a PNG forest plot and return its path: one panel per statistic, one row per comparison
+    (top to bottom in summary order), a dot at the difference in points, a whisker over its interval,
+    coloured by verdict, and a vertical line at 0. Raises :class:`CompareError` when the summary has
+    no comparison."""
+    comparisons = summary["comparisons"]
+    if not comparisons:
+        raise CompareError("the summary has no comparison to plot: it needs the baseline and at least one more arm")
+    statistics = list(statistics)
+    if not statistics:
+        raise CompareError("statistics is empty: pass e.g. ['mean', 'worst'] or task names")
+    rows = np.arange(len(comparisons))[::-1]
+    fig = Figure(figsize=(4.2 * len(statistics) + 2.5, 1.5 + 0.42 * len(comparisons)))
+    axes = fig.subplots(1, len(statistics), sharey=True, squeeze=False)[0]
+    for k, (ax, s) in enumerate(zip(axes, statistics)):
+        for y, r in zip(rows, _results_of_all(comparisons, s)):
+            colour = VERDICT_COLOURS[r["verdict"]]
+            ax.hlines(y, 100 * r["lo"], 100 * r["hi"], color=colour, linewidth=2)
+            ax.plot([100 * r["diff"]], [y], "o", color=colour, markersize=6)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(_statistic_name(s), fontsize=10)
+        ax.set_xlabel("A − B (points)")
+        ax.grid(axis="x", alpha=0.3)
+        if k == 0:
+            ax.set_yticks(rows, [_comparison_name(c) for c in comparisons])
+    ax.set_ylim(-0.7, len(comparisons) - 0.3)
+    level = f"{100 * summary['level']:g} %"
+    title = f"Paired differences A − B with {level} bootstrap intervals (green: better, red: worse, grey: neither)"
+    if any(not c["seeds_resampled"] for c in comparisons):
+        title += "\n* one seed: dev rows resampled, seed-to-seed variance left out"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=110)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset, np.ndarray)):
+        return [_plain(v) for v in (sorted(value, key=str) if isinstance(value, (set, frozenset)) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def to_json(summary: Mapping) -> dict:
+    """A copy of the summary made of JSON types only: numpy scalars and arrays become numbers and
+    lists, tuples and sets lists, non-finite floats None, keys strings, anything else its ``str``
+    (e.g. a path in an arm's ``params``)."""
+    return _plain(summary)
