@@ -70,8 +70,9 @@ class MultiHeadLoRALinear(nn.Module):
         x2d = x.reshape(-1, self.d_in)
         out = self.base(x2d)                                   # W0 x, [T, d_out]
         # accumulate u B_catᵀ into the base output in place: it is a fresh tensor autograd does not
-        # need (not a view), so there is no extra pass over the [T, d_out] activations either way
-        out.addmm_(self.rank_features(x2d).to(out.dtype), self.up_weight().t())
+        # need (not a view), so there is no extra pass over the [T, d_out] activations either way.
+        # In-place ops are not autocast: both factors take the output's dtype (bf16 under autocast)
+        out.addmm_(self.rank_features(x2d).to(out.dtype), self.up_weight().t().to(out.dtype))
         return out.view(*lead, self.d_out)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,10 @@ def load_model(cfg: RunConfig, ds_conf: dict):
 
     kw = dict(dtype=cfg.model.torch_dtype, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.deepspeed.stage != 3:
+        # an earlier ZeRO-3 model in this process may still hold HF's global ZeRO-3 switch
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         model = load_base_model(cfg.model.name_or_path, **kw)
         return model.to("cuda") if cfg.ray.use_gpu and torch.cuda.is_available() else model
     # HF from_pretrained builds the model under deepspeed.zero.Init while this object is alive,

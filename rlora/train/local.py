@@ -34,8 +34,8 @@ def train_local(cfg: RunConfig, model=None, tokenizer=None, progress: bool = Tru
     Returns the loop's summary (``results_before``, ``results_after``, ``time_to_first_step_s``,
     ``train_tokens_per_s``, ``trainable_params``, ``sampler_state``, ...) plus ``eval_history``
     (``[(step, results)]``), ``train_loss`` and ``task_loss`` (per optimizer step; NaN for an absent
-    task), ``sampler_history``, ``tasks``, ``config`` (resolved), ``wall_s`` and ``model`` (the
-    trained model in eval mode).
+    task), ``sampler_history``, ``tasks``, ``config`` (resolved), ``wall_s``, ``adapter_state`` (the
+    adapter's tensors, gathered under ZeRO-3) and ``model`` (the trained model in eval mode).
     """
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"train_local needs a rlora.config.RunConfig, got {type(cfg).__name__}")
@@ -50,4 +50,4 @@ def train_local(cfg: RunConfig, model=None, tokenizer=None, progress: bool = Tru
     return {**summary, "eval_history": trainer.eval_history, "train_loss": trainer.loss_hist,
             "task_loss": trainer.task_hist, "sampler_history": trainer.data.sampler.history,
             "tasks": trainer.data.names, "config": cfg.model_dump(mode="json"), "wall_s": time.time() - t0,
-            "model": trainer.engine.module}
+            "adapter_state": trainer.adapter_state, "model": trainer.engine.module}

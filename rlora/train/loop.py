@@ -321,6 +321,7 @@ class Trainer:
             self.results_after = self.evaluate()
         with gathered(self.engine.module, self.cfg.deepspeed.stage):
             state = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(self.engine.module).items()}
+        self.adapter_state = state
         train_tokens = all_reduce_sum(torch.tensor([float(self.clock.train_tokens)])).item()
         self.summary = {
             "run_name": self.run["run_name"], "global_step": self.step, "total_steps": self.total_steps,

@@ -3,7 +3,7 @@ method x batch composition, each with gradient checkpointing, ZeRO stage, gradie
 bf16 autocast, alone and together. Equivalences are checked, not just "it runs":
 
 * gradient checkpointing on/off: the same adapter (fp32, dropout on: the recompute replays the masks);
-* ZeRO-2 and ZeRO-3 vs ZeRO-0: the same adapter;
+* ZeRO-2 and ZeRO-3 vs ZeRO-0: the same adapter (ZeRO-3 within 1e-4, see the test);
 * 2 micro-batches of 2 rows vs 1 of 4 (mixed batches, round-robin: the same rows): the same adapter,
   since the loss is the mean over the optimizer step's answer tokens;
 * bf16 autocast: per-step losses within 3 % of fp32.
@@ -28,8 +28,7 @@ def train(model_dir, data_dir, tmp_path, **kw):
                 diagnostics__enabled=False)
     base.update(kw)
     out = train_local(run_config(model_dir, data_dir, tmp_path, **base), progress=False)
-    state = {n: p.detach().clone() for n, p in out["model"].named_parameters() if p.requires_grad}
-    return out["train_loss"], state
+    return out["train_loss"], out["adapter_state"]
 
 
 def max_diff(a, b):
@@ -56,10 +55,12 @@ def test_feature_matrix(tiny_model_dir, task_dir, tmp_path, method, composition)
     loss, st = train(tiny_model_dir, task_dir, tmp_path, trainer__gradient_checkpointing=True, **common)
     assert max_diff(ref, st) <= 1e-6 and loss == pytest.approx(ref_loss, abs=1e-6)
 
-    # ZeRO stages: partitioning does not change the update
-    for stage in (2, 3):
+    # ZeRO stages: partitioning does not change the update. ZeRO-3 sums gradients in another order;
+    # where a gradient is near 0 (MTL-LoRA's mixing logits w_t while B is still ~0) AdamW's g/sqrt(v)
+    # turns that rounding into up to ~1e-4 of the weight (seen: 8e-5 for mtl, homogeneous batches)
+    for stage, tol in ((2, 1e-5), (3, 1e-4)):
         loss, st = train(tiny_model_dir, task_dir, tmp_path, deepspeed__stage=stage, **common)
-        assert max_diff(ref, st) <= 1e-5, stage
+        assert max_diff(ref, st) <= tol, stage
         assert loss == pytest.approx(ref_loss, abs=1e-5)
 
     # bf16 autocast: close to fp32
@@ -86,3 +87,20 @@ def test_accumulation_equals_the_larger_batch(tiny_model_dir, task_dir, tmp_path
                          trainer__per_device_train_batch_size=2, deepspeed__stage=stage, **common)
         assert max_diff(ref, st) <= 1e-5
         assert loss == pytest.approx(ref_loss, abs=1e-5)
+
+
+def test_embedded_model_smoke(task_dir, tmp_path):
+    """The embedded SmolLM2-135M with MTL-LoRA, gradient checkpointing, 2 micro-batches, bf16 autocast and
+    ZeRO-2: two optimizer steps with finite losses that move the adapter."""
+    from rlora.config import validate_config
+
+    cfg = validate_config({
+        "adapter": {"method": "mtl", "r": 4, "num_heads": 2, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"path": str(task_dir), "max_length": 64},
+        "trainer": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                    "gradient_checkpointing": True, "bf16": True, "learning_rate": 1e-3, "output_dir": str(tmp_path)},
+        "deepspeed": {"stage": 2}, "mlflow": {"enabled": False}, "diagnostics": {"enabled": False},
+        "eval": {"max_examples_per_task": 1, "before_training": False}})
+    out = train_local(cfg, progress=False)
+    assert len(out["train_loss"]) == 2 and all(math.isfinite(x) for x in out["train_loss"])
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in out["adapter_state"].items())
