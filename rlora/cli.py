@@ -1,4 +1,4 @@
-"""``rlora`` command line: train, evaluate, export, register, submit.
+"""``rlora`` command line: train, evaluate, compare, export, register, submit.
 
 User errors print one line (``error: ...``) and exit 2 with no traceback; ``--debug`` shows it.
 """
@@ -21,7 +21,10 @@ def _user_errors() -> tuple[type, ...]:
     from .tracking.mlflow_tracker import TrackingError
     from .train.checkpoint import CheckpointError
 
-    errs = [ConfigError, DataError, AdapterError, ModelLoadError, SamplerError, TrackingError, CheckpointError]
+    from .compare import CompareError
+
+    errs = [ConfigError, DataError, AdapterError, ModelLoadError, SamplerError, TrackingError, CheckpointError,
+            CompareError]
     try:
         from .export import ExportError
 
@@ -125,7 +128,7 @@ def extra_command(fn: Callable[[argparse._SubParsersAction], None]):
 def _load_extra_commands() -> None:
     import importlib
 
-    for mod in ("rlora.submit", "rlora.export.cli"):
+    for mod in ("rlora.submit", "rlora.export.cli", "rlora.compare.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:  # an optional part that is not there; real errors surface

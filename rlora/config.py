@@ -291,6 +291,7 @@ class MlflowConfig(_Section):
     experiment_name: Optional[str] = Field(None, description="default: $MLFLOW_EXPERIMENT_NAME or 'rlora'")
     artifact_location: Optional[str] = None
     log_artifacts: bool = True
+    parent_run_id: Optional[str] = Field(None, description="log the run as a child of this MLflow run (rlora compare)")
 
 
 class EvalConfig(_Section):

@@ -26,6 +26,7 @@ nearly every optimizer step, so this is rare; we keep plain AdamW semantics.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 import time
@@ -116,6 +117,7 @@ class Trainer:
         self.task_hist: list[list[float]] = []
         self.tracker = None
         self.clock = _Clock()
+        self.data_order = ""  # chained sha256 of the (task, example) slots of rank 0's micro-batches, in order
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -194,6 +196,7 @@ class Trainer:
         self.step = self.resumed_from = int(state["global_step"])
         self.data.sampler.load_state_dict(state["sampler"])
         self.results_before = state.get("results_before")
+        self.data_order = state.get("data_order", "")
         run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
         self._say(f"[rlora] resumed from {best} at step {self.step}/{self.total_steps}")
 
@@ -225,6 +228,8 @@ class Trainer:
 
         d, T, ga = self.data, len(self.data.names), self.cfg.trainer.gradient_accumulation_steps
         batches = [next_micro_batch(d.sampler, d.tokenized, d.names, d.pad_id, self.engine.device) for _ in range(ga)]
+        for b in batches:
+            self.data_order = hashlib.sha256((self.data_order + repr(b["slots"])).encode()).hexdigest()
         n_tokens = all_reduce_sum(torch.tensor([float(sum(map(answer_tokens, batches)))])).item()
         normalizer = max(n_tokens, 1.0) / (ga * self.world)
         sums, counts = torch.zeros(T), torch.zeros(T)
@@ -307,7 +312,8 @@ class Trainer:
             ckpt.save(self.engine, Path(d), self.rank, {
                 "global_step": self.step, "sampler": self.data.sampler.state_dict(),
                 "run_name": self.run["run_name"], "mlflow_run_id": self.run.get("mlflow_run_id"),
-                "results_before": self.results_before, "total_steps": self.total_steps})
+                "results_before": self.results_before, "total_steps": self.total_steps,
+                "data_order": self.data_order})
             if write is not None:
                 write(Path(d))
             self.rt.report({"global_step": self.step, "loss": self.loss_hist[-1] if self.loss_hist else float("nan")},
@@ -332,6 +338,7 @@ class Trainer:
             "train_loss_last": self.loss_hist[-1] if self.loss_hist else None,
             "mlflow_run_id": self.run.get("mlflow_run_id"), "resumed_from_step": self.resumed_from,
             "trainable_params": self.trainable, "sampler_state": self.data.sampler.state_dict(),
+            "data_order": gather_objects(self.data_order)[0],
             "worker_nodes": gather_objects(self.rt.node_id())}
         self._track({f"eval/{k}/accuracy": v["accuracy"] for k, v in self.results_after.items()}, self.step)
 
