@@ -1,7 +1,7 @@
 """rlora: multi-task fine-tuning with multi-head LoRA (LoRA, HydraLoRA, R-LoRA, MTL-LoRA)."""
 from .adapter_io import load_adapter, save_adapter
 from .config import AdapterConfig, ConfigError, RunConfig, load_config
-from .context import task_ids
+from .context import enable_gradient_checkpointing, task_ids
 from .inject import adapter_layers, count_parameters, inject, merge, unmerge
 from .layers import AdapterError
 from .models import ModelLoadError, load_tokenizer, prepare_default_model
@@ -18,4 +18,4 @@ def load_base_model(name_or_path: str = "smollm2-135m", **kwargs):
 
 __all__ = ["AdapterConfig", "AdapterError", "ConfigError", "RunConfig", "load_config", "inject", "task_ids",
            "save_adapter", "load_adapter", "merge", "unmerge", "load_base_model", "adapter_layers",
-           "count_parameters", "ModelLoadError", "load_tokenizer", "prepare_default_model"]
+           "count_parameters", "enable_gradient_checkpointing", "ModelLoadError", "load_tokenizer", "prepare_default_model"]
