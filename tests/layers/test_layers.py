@@ -136,3 +136,17 @@ def test_backward_reaches_every_trainable_parameter():
         for n, p in layer.named_parameters():
             if p.requires_grad:
                 assert p.grad is not None and p.grad.abs().sum() > 0, (method, n)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("shape", [(4, D_IN), (4, 3, D_IN)])
+def test_mtl_batch_is_the_first_dimension_for_2d_and_3d_inputs(shape, diagonal):
+    """[b, d_in] with b task ids is b one-token samples; [b, L, d_in] is b samples of L tokens."""
+    layer = make("mtl", diagonal=diagonal)
+    x = torch.randn(*shape)
+    tids = torch.tensor([2, 0, 1, 0])
+    with rlora.task_ids(tids):
+        got = layer(x)
+    ref = naive(layer, x if x.dim() == 3 else x[:, None], tids).reshape(*shape[:-1], D_OUT)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item())
