@@ -100,13 +100,41 @@ def test_rlora_multi_head_dropout_masks_differ_between_heads():
     assert 0.35 < masks.float().mean() < 0.65
 
 
+def _per_head_features(method, p=0.5, tokens=256):
+    """(v, z): v [T, N, r] the rank features of each head with gate and scaling divided out, and
+    z = A x [T, r] without dropout. Without dropout every head would have v_i = z exactly."""
+    torch.manual_seed(0)
+    cfg = rlora.AdapterConfig(method=method, r=8, num_heads=3, dropout=p, zero_start_offset=False)
+    layer = LAYERS[method](torch.nn.Linear(16, 16), cfg).train()
+    x = torch.randn(tokens, 16)
+    heads = 1 if method == "lora" else 3
+    u = layer.rank_features(x).reshape(tokens, heads, 8)
+    gate = torch.ones(tokens, 1) if method == "lora" else layer.gates(x)         # rlora: exactly 1/N
+    return u / (layer.scaling * gate).unsqueeze(-1), x @ layer.lora_A.t()
+
+
 def test_dropout_is_on_x_for_lora_and_rank_space_for_rlora():
-    cfg = rlora.AdapterConfig(method="lora", r=4, dropout=0.5)
-    layer = LAYERS["lora"](torch.nn.Linear(8, 8), cfg).train()
-    x = torch.ones(1000, 8)
-    u = layer.rank_features(x)
-    # dropout on x: features vary across identical rows
-    assert u.std(dim=0).min() > 0
+    """R-LoRA drops entries of A·x, independently per head: each v_i[t, k] is 0 or z[t, k] / (1 - p).
+    LoRA (and HydraLoRA) drop entries of x before A: v = A (m ⊙ x) / (1 - p) mixes kept and dropped
+    inputs, so almost no entry is 0 or z / (1 - p), and all heads share the one mask."""
+    v, z = _per_head_features("rlora")
+    z3 = z.unsqueeze(1).expand_as(v)
+    dropped = v == 0
+    assert torch.allclose(v[~dropped], 2 * z3[~dropped], rtol=1e-5, atol=1e-6)    # kept: z / (1 - p)
+    assert 0.45 < dropped.float().mean() < 0.55
+    # independent masks per head: P(kept in head i and in head j) = (1 - p)^2, not 1 - p
+    kept = ~dropped
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        assert abs((kept[:, i] & kept[:, j]).float().mean().item() - 0.25) < 0.04
+    # a mask is per rank entry, not per token: within one token, entries of one head differ
+    assert (kept.float().mean(-1) % 1 != 0).float().mean() > 0.9
+
+    for method in ("lora", "hydra"):
+        v, z = _per_head_features(method)
+        z3 = z.unsqueeze(1).expand_as(v)
+        rank_space_like = (v.abs() < 1e-6) | torch.isclose(v, 2 * z3, rtol=1e-5, atol=1e-6)
+        assert rank_space_like.float().mean() < 0.02, method
+        assert torch.allclose(v, v[:, :1].expand_as(v), atol=1e-5), method      # one shared mask on x
 
 
 def test_mtl_errors():
@@ -136,3 +164,17 @@ def test_backward_reaches_every_trainable_parameter():
         for n, p in layer.named_parameters():
             if p.requires_grad:
                 assert p.grad is not None and p.grad.abs().sum() > 0, (method, n)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("shape", [(4, D_IN), (4, 3, D_IN)])
+def test_mtl_batch_is_the_first_dimension_for_2d_and_3d_inputs(shape, diagonal):
+    """[b, d_in] with b task ids is b one-token samples; [b, L, d_in] is b samples of L tokens."""
+    layer = make("mtl", diagonal=diagonal)
+    x = torch.randn(*shape)
+    tids = torch.tensor([2, 0, 1, 0])
+    with rlora.task_ids(tids):
+        got = layer(x)
+    ref = naive(layer, x if x.dim() == 3 else x[:, None], tids).reshape(*shape[:-1], D_OUT)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item())
