@@ -40,13 +40,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     text = Path(args.config).read_text(encoding="utf-8")
-    result = run_training(cfg, config_yaml=text, local=args.local)
+    result = run_training(cfg, config_yaml=text, local=args.local, verbose=args.verbose)
     s = result.summary
     print("\n[rlora] per-task dev accuracy (examples not trained on):")
     print(results_table(s))
     if s.get("time_to_first_step_s") is not None:
         print(f"[rlora] steps {s.get('global_step')}/{s.get('total_steps')}, time to first step "
               f"{s['time_to_first_step_s']:.1f}s, last train loss {s.get('train_loss_last') or float('nan'):.4f}")
+    if s.get("results_chart"):
+        print(f"[rlora] before/after chart: {s['results_chart']}")
     print(f"[rlora] adapter: {result.adapter_dir}")
     print(f"[rlora] checkpoint: {result.checkpoint_dir}")
     if result.mlflow_run_id:
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20 adapter.r=16")
     t.add_argument("--local", action="store_true",
                    help="train in this process (world size 1, the same loop and DeepSpeed engine) without Ray")
+    t.add_argument("--verbose", action="store_true",
+                   help="show every library and worker log line here instead of only in the run's log file")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="per-task dev accuracy of a base model or an adapter")

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..config import RunConfig
-from ..distributed import all_reduce_sum, gather_objects, rank0_print
+from ..distributed import all_reduce_sum, gather_objects
 from . import checkpoint as ckpt
 from .fault_injection import maybe_exit
 from .runtime import Runtime
@@ -210,9 +210,21 @@ class Trainer:
             self.tracker.log_metrics({f"data/truncated/{k}": v for k, v in self.data.truncated.items()}, step=0)
 
     def evaluate_before(self) -> None:
+        """Zero-shot dev results: from the fingerprint cache (:mod:`rlora.train.zero_shot`) when this base
+        model, these dev rows and settings were evaluated before, else evaluated (and cached)."""
+        from . import zero_shot
+
         if not self.cfg.eval.before_training or self.results_before is not None or not self.data.dev:
             return
-        self.results_before = self.evaluate()
+        key = zero_shot.fingerprint(self.cfg, self.data.dev) if zero_shot.starts_at_base(self.cfg) else None
+        cached = gather_objects(zero_shot.load(key) if key and self.rank == 0 else None)[0]
+        if cached is not None:
+            self.results_before = cached
+            self._say(f"[rlora] zero-shot results of the base model: cached ({zero_shot.cache_file(key)})")
+        else:
+            self.results_before = self.evaluate()
+            if key and self.rank == 0:
+                zero_shot.store(key, self.results_before)
         self._track({f"eval_before/{k}/accuracy": v["accuracy"] for k, v in self.results_before.items()}, 0)
 
     def train_step(self) -> tuple[list[float], float]:
@@ -318,6 +330,7 @@ class Trainer:
                 write(Path(d))
             self.rt.report({"global_step": self.step, "loss": self.loss_hist[-1] if self.loss_hist else float("nan")},
                            Path(d))
+        self._say(f"[rlora] checkpoint: step {self.step}")
 
     def finish(self) -> dict[str, Any]:
         from ..adapter_io import adapter_state_dict, save_adapter
@@ -372,8 +385,8 @@ class Trainer:
         return {t: merge_metrics([p[t] for p in parts]) for t in self.data.dev}
 
     def _say(self, line: str) -> None:
-        if self.progress:
-            rank0_print(line)
+        if self.progress and self.rank == 0:
+            self.rt.say(line)
 
     def _track(self, metrics: dict, step: int) -> None:
         if self.tracker:
