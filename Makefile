@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
-	$(PY) -m rlora.models
+	$(VENV)/bin/rlora prepare-model
 	touch $(STAMP)
 
 run: setup

