@@ -30,7 +30,7 @@ def test_console_shows_each_line_once_and_no_noise(tmp_path):
     log = tmp_path / "out" / "console" / "logs" / "run.log"
     assert f"[rlora] log: {log}" in out and log.is_file() and log.stat().st_size > 0
     assert list((tmp_path / "out" / "console" / "logs").glob("worker-*.log"))
-    assert sum(ln.startswith("[rlora] step") for ln in lines) == 2
+    assert sum(ln.startswith("[rlora] step ") for ln in lines) == 2
     assert "| **mean** |" in out and "| task | n | accuracy before | accuracy after |" in out
     chart = tmp_path / "out" / "console" / "accuracy_before_after.png"
     assert f"[rlora] before/after chart: {chart}" in out and chart.stat().st_size > 5_000
