@@ -126,9 +126,9 @@ class Trainer:
         self.resume()
         self.start_tracking()
         self.evaluate_before()
-        self._say(f"[rlora] rank {self.rank}/{self.world}: ready in {time.time() - self.clock.start:.1f}s "
-                  f"({len(self.data.names)} tasks, {self.data.rows} train rows, {self.total_steps} steps, "
-                  f"ZeRO-{self.cfg.deepspeed.stage}, {self.trainable:,} trainable parameters)")
+        self._say(f"[rlora] ready in {time.time() - self.clock.start:.1f}s: {len(self.data.names)} tasks, "
+                  f"{self.data.rows} train rows, {self.total_steps} steps, {self.world} process(es) x ZeRO-"
+                  f"{self.cfg.deepspeed.stage}, {self.trainable:,} trainable parameters")
         self.engine.train()
         self.clock.loop_start = time.time()
         while self.step < self.total_steps:
