@@ -162,3 +162,16 @@ def test_equal_budget_setting_has_equal_trainable_counts():
     assert {ab for ab, _ in counts.values()} == {4 * 1536}
     for method, (ab, total) in counts.items():
         assert (total - ab) / total < 0.1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_picks_the_layer(method):
+    from rlora.layers import LAYERS
+
+    model = rlora.inject(tiny_llama(), rlora.AdapterConfig(method=method, tasks=TASKS))
+    layers = [layer for _, layer in rlora.adapter_layers(model)]
+    assert layers and all(type(layer) is LAYERS[method] and layer.method == method for layer in layers)
+    params = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"lora": {"lora_A", "lora_B"}, "hydra": {"lora_A", "lora_B", "router"},
+                "rlora": {"lora_A", "lora_B", "router"}, "mtl": {"lora_A", "lora_B", "task_lambda", "task_weight"}}
+    assert params == expected[method]
