@@ -233,6 +233,8 @@ def _load_error(name: str, err: BaseException, offline: bool) -> ModelLoadError:
     if offline:
         return ModelLoadError(f"{name} is not a local directory and HF_HUB_OFFLINE=1 with no cached copy "
                               f"({_one_line(err)}): pass a local model folder or unset HF_HUB_OFFLINE")
+    if "trust_remote_code" in str(err):
+        return ModelLoadError(f"{name} ships its own model code: set model.trust_remote_code=true if you trust it")
     return ModelLoadError(f"could not load {name} ({_one_line(err)}): check the hub id, a local path, or network access")
 
 

@@ -139,8 +139,6 @@ def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool,
 
     run_name = default_run_name(cfg)
     storage = storage_path(cfg)
-    if cfg.mlflow.enabled:  # MLflow must answer before anything starts
-        mlflow_tracker.check_reachable(mlflow_tracker.resolve(cfg)[0])
     if local and not is_local_path(storage):
         raise ConfigError(f"ray.storage_path={storage} is remote: a local run keeps checkpoints on a local path "
                           "(unset ray.storage_path or run without --local)")
@@ -181,13 +179,24 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool 
     but rlora's own lines goes to ``output_dir/<run>/logs/run.log`` (workers: ``worker-<rank>.log``)."""
     from .. import console
 
+    from ..tracking import mlflow_tracker
+
     cfg = preflight(cfg)
+    if cfg.mlflow.enabled:  # MLflow must answer before anything starts or is written
+        mlflow_tracker.check_reachable(mlflow_tracker.resolve(cfg)[0])
     cfg.trainer.run_name = default_run_name(cfg)
-    log = run_dir(cfg, cfg.trainer.run_name) / "logs" / "run.log"
+    folder = run_dir(cfg, cfg.trainer.run_name)
+    fresh = not folder.exists()
+    log = folder / "logs" / "run.log"
     if not verbose:
         say(f"[rlora] log: {log} (rlora train --verbose shows it all here)")
     with console.run_log(log, verbose):
-        cfg, run, uri = start_run(cfg, config_yaml, local, verbose)
+        try:
+            cfg, run, uri = start_run(cfg, config_yaml, local, verbose)
+        except ConfigError:  # refused before training (e.g. too few Ray resources): leave nothing behind
+            if fresh:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         if local:
             from .loop import Trainer
             from .runtime import LocalRuntime

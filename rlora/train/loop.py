@@ -185,7 +185,9 @@ class Trainer:
                 cands.append(Path(handed))
             storage = Path(run["storage_dir"]) if run.get("storage_dir") else None
             local = ckpt.latest_in(storage, self.world) if storage is not None and storage.is_dir() else None
-            if local and not (t.resume_from_checkpoint == "never" and local.stat().st_mtime < run["started_at"]):
+            # with "never" or an explicit path, only checkpoints this invocation wrote (after a worker restart)
+            only_new = t.resume_from_checkpoint not in (None, "auto")
+            if local and not (only_new and local.stat().st_mtime < run["started_at"]):
                 cands.append(local)
             if not cands and run.get("resume_from"):
                 cands.append(Path(run["resume_from"]))

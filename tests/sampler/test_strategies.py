@@ -122,13 +122,9 @@ def test_steps_per_epoch_helper():
 W = [3.0, 1.0, 0.5, 2.0]
 
 
-DYNAMIC_START_BUG = ("the sampler starts from the weights applied after the floor (sampler.py, TaskSampler.__init__) "
-                     "while the dynamic balancer and its history[0] start from the floor applied to the weighted prior")
-
 
 @pytest.mark.parametrize("strategy", ["proportional", "temperature", "capped", "uniform",
-                                      pytest.param("dynamic", marks=pytest.mark.xfail(strict=True,
-                                                                                      reason=DYNAMIC_START_BUG))])
+                                      "dynamic"])
 def test_task_weights_multiply_the_strategy_probabilities(strategy):
     """p_t = q_t w_t / sum_s q_s w_s with q the strategy's distribution (for dynamic: its prior, then the floor)."""
     q = compute_probabilities(SIZES, make_cfg(strategy), NAMES)
