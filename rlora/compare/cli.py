@@ -34,7 +34,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(cfg.trainer.output_dir) / "compare" / Path(args.config).stem)
     methods = _names(args.methods, METHODS, "--methods")
     arms = [(m, s) for s in _names(args.samplers, SAMPLERS, "--samplers") for m in methods]
-    Comparison(cfg, arms, args.seeds, args.baseline, args.budget, out, local=args.local, n_boot=args.n_boot).run()
+    Comparison(cfg, arms, args.seeds, args.baseline, args.budget, out, local=args.local, n_boot=args.n_boot,
+               verbose=args.verbose).run()
     return 0
 
 
@@ -53,4 +54,5 @@ def _add_command(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", help="results folder (default OUTPUT_DIR/compare/CONFIG_NAME); a re-run resumes it")
     c.add_argument("--local", action="store_true", help="train the cells in this process instead of on Ray")
     c.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    c.add_argument("--verbose", action="store_true", help="every cell's library and worker output here, not in its log")
     c.set_defaults(fn=cmd_compare)

@@ -81,7 +81,8 @@ class Comparison:
     """``arms``: the (method, sampler) pairs to train, each with ``seeds`` seeds."""
 
     def __init__(self, cfg: RunConfig, arms: list[tuple[str, str]], seeds: int, baseline: str, budget: str,
-                 out_dir: Path, local: bool = False, n_boot: int = 2000, name: Optional[str] = None):
+                 out_dir: Path, local: bool = False, n_boot: int = 2000, name: Optional[str] = None,
+                 verbose: bool = False):
         self.methods = list(dict.fromkeys(m for m, _ in arms))
         self.samplers = list(dict.fromkeys(s for _, s in arms))
         if baseline not in self.methods:
@@ -89,7 +90,7 @@ class Comparison:
                               "pick one")
         self.cfg, self.arms, self.seeds = cfg, arms, seeds
         self.baseline, self.budget, self.out, self.local, self.n_boot = baseline, budget, out_dir, local, n_boot
-        self.name = name or out_dir.resolve().name
+        self.name, self.verbose = name or out_dir.resolve().name, verbose
         self.parent_run_id: Optional[str] = None
         self.uri: Optional[str] = None
 
@@ -157,7 +158,7 @@ class Comparison:
             cfg.mlflow.enabled = False
         print(f"[rlora] compare: training {cell.label} ({cfg.trainer.run_name})", flush=True)
         t0 = time.time()
-        res = run_training(cfg, local=self.local)
+        res = run_training(cfg, local=self.local, verbose=self.verbose)
         record = cell_record(cell, res.summary, time.time() - t0, res.mlflow_run_id)
         _write_json(self.out / "cells" / f"{cell.key}.json", record)
         mean = sum(record["accuracy"].values()) / len(record["accuracy"])
