@@ -154,6 +154,7 @@ class Comparison:
 
         cfg = cell.cfg.model_copy(deep=True)
         cfg.mlflow.parent_run_id = self.parent_run_id
+        cfg.mlflow.tracking_uri = self.uri  # the parent's store, whatever the cell's output folder
         if not self.parent_run_id:
             cfg.mlflow.enabled = False
         print(f"[rlora] compare: training {cell.label} ({cfg.trainer.run_name})", flush=True)

@@ -1,0 +1,28 @@
+"""`rlora compare` refuses bad flags in one line (exit 2) before anything is trained or written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "examples" / "configs" / "compare_cpu.yaml"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "lora,foo"], "--methods 'lora,foo': use a comma-separated list of lora, hydra, rlora, mtl"),
+    (["--methods", "lora,lora"], "--methods 'lora,lora' names a value twice"),
+    (["--samplers", "greedy"], "--samplers 'greedy': use a comma-separated list of"),
+    (["--methods", "hydra,mtl"], "--baseline lora is not among --methods hydra,mtl"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--n-boot", "5"], "--n-boot must be >= 100, got 5"),
+    (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, args, message):
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "rlora.cli", "compare", str(CONFIG), "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()
