@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
-	$(PY) -m rlora.models
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/rlora prepare-model
 	touch $(STAMP)
 
 run: setup

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -76,15 +76,47 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> AdapterConfig:
     return AdapterConfig.model_validate(fields)
 
 
+# The settings that change what a loaded adapter computes, and the methods they apply to (None: all).
+# Not compared: ``gamma`` only scales the initial A and B (and so the R-LoRA offset), all of which are
+# overwritten by the loaded tensors; ``dropout`` is training noise, absent in eval.
+OUTPUT_FIELDS: dict[str, Optional[tuple[str, ...]]] = {
+    "method": None, "r": None, "num_heads": ("hydra", "rlora", "mtl"), "tasks": None, "alpha": None,
+    "rslora": None, "target_modules": None, "temperature": ("mtl",), "diagonal": ("mtl",),
+    "zero_start_offset": ("rlora",), "base_model": None,
+}
+
+
+def config_mismatch(have: AdapterConfig, saved: AdapterConfig) -> Optional[tuple[str, object, object]]:
+    """The first setting in which ``saved`` would compute something else than ``have``:
+    (field, saved value, model's value), or None when they agree."""
+    for field, methods in OUTPUT_FIELDS.items():
+        if methods is not None and have.method not in methods:
+            continue
+        a, b = getattr(saved, field), getattr(have, field)
+        if field == "base_model" and (a is None or b is None):
+            continue  # compared only when both sides record one
+        if field == "target_modules":
+            same = set(a) == set(b)
+        else:
+            same = a == b
+        if not same:
+            return field, a, b
+    return None
+
+
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load an adapter saved by :func:`save_adapter` into ``model`` (injecting it first if needed)."""
+    """Load an adapter saved by :func:`save_adapter` into ``model``: a base model gets it injected
+    first; a model that already has adapters must agree on every setting in :data:`OUTPUT_FIELDS`."""
     p = Path(path)
     cfg = read_adapter_config(p)
     have = adapter_config(model)
     if have is None:
         inject(model, cfg)
-    elif (have.method, have.r, have.heads, have.tasks) != (cfg.method, cfg.r, cfg.heads, cfg.tasks):
-        raise AdapterError(f"model's adapters ({have.method}, r={have.r}) differ from {p} ({cfg.method}, r={cfg.r})")
+    elif (diff := config_mismatch(have, cfg)) is not None:
+        field, saved_value, model_value = diff
+        raise AdapterError(f"adapter.{field} is {saved_value!r} in {p} but {model_value!r} in the model's "
+                           "adapters: load it into a fresh base model (it injects itself) or inject with the "
+                           f"same adapter.{field}")
     try:
         saved = load_file(str(p / WEIGHTS_NAME))
     except Exception as err:  # safetensors raises its own error types on truncated files

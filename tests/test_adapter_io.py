@@ -67,3 +67,53 @@ def test_pickle_adapters_are_refused(tmp_path):
     torch.save({}, d / "adapter_model.bin")
     with pytest.raises(AdapterError, match="only safetensors"):
         rlora.load_adapter(tiny_llama(), d)
+
+
+# every config field that changes what a loaded adapter computes: (field, method, saved, in the model)
+MISMATCHES = [
+    ("method", "lora", {}, {"method": "hydra"}),
+    ("r", "lora", {"r": 8}, {"r": 4}),
+    ("num_heads", "hydra", {"num_heads": 3}, {"num_heads": 2}),
+    ("tasks", "mtl", {"tasks": TASKS}, {"tasks": list(reversed(TASKS))}),
+    ("alpha", "lora", {"alpha": 16.0}, {"alpha": 8.0}),
+    ("rslora", "lora", {"rslora": False}, {"rslora": True}),
+    ("temperature", "mtl", {"temperature": 0.1}, {"temperature": 0.5}),
+    ("diagonal", "mtl", {"diagonal": False}, {"diagonal": True}),
+    ("target_modules", "lora", {"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ["q_proj"]}),
+    ("zero_start_offset", "rlora", {"zero_start_offset": True}, {"zero_start_offset": False}),
+    ("base_model", "lora", {"base_model": "org/model-a"}, {"base_model": "org/model-b"}),
+]
+
+
+def _values(field, kw, method):
+    return kw.get(field, method if field == "method" else None)
+
+
+@pytest.mark.parametrize("field,method,saved,model_kw", MISMATCHES, ids=[m[0] for m in MISMATCHES])
+def test_load_into_injected_model_refuses_each_output_changing_mismatch(tmp_path, field, method, saved, model_kw):
+    base = {"method": method, "tasks": TASKS, "target_modules": ["q_proj", "v_proj"]}
+    rlora.save_adapter(rlora.inject(tiny_llama(), rlora.AdapterConfig(**{**base, **saved})), tmp_path / "a")
+    model = rlora.inject(tiny_llama(), rlora.AdapterConfig(**{**base, **model_kw}))
+    with pytest.raises(AdapterError) as err:
+        rlora.load_adapter(model, tmp_path / "a")
+    msg = str(err.value)
+    want, have = _values(field, saved, method), _values(field, model_kw, method)
+    assert "\n" not in msg and f"{field} is {want!r} in {tmp_path / 'a'}" in msg and f"{have!r} in the model" in msg
+
+
+def test_settings_that_only_shape_init_or_training_do_not_block_loading(tmp_path):
+    """gamma only scales the initial A and B (and so the R-LoRA offset), all of which are loaded from
+    the file; dropout is training noise. Neither changes what the loaded adapter computes in eval."""
+    saved = perturb(rlora.inject(tiny_llama(), rlora.AdapterConfig(method="rlora", gamma=64, dropout=0.05)))
+    rlora.save_adapter(saved, tmp_path / "a")
+    model = rlora.inject(tiny_llama(), rlora.AdapterConfig(method="rlora", gamma=4, dropout=0.3))
+    rlora.load_adapter(model, tmp_path / "a")
+    ids = torch.randint(0, 128, (2, 6))
+    assert torch.equal(model(ids).logits, saved(ids).logits)
+
+
+def test_heads_and_mtl_settings_are_not_compared_where_they_do_not_apply(tmp_path):
+    """lora builds one head whatever num_heads says; temperature and diagonal are MTL-LoRA settings."""
+    rlora.save_adapter(rlora.inject(tiny_llama(), rlora.AdapterConfig(method="lora", num_heads=3)), tmp_path / "a")
+    model = rlora.inject(tiny_llama(), rlora.AdapterConfig(method="lora", num_heads=5, temperature=2.0, diagonal=True))
+    rlora.load_adapter(model, tmp_path / "a")

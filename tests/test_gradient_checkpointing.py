@@ -1,5 +1,7 @@
 """Gradient checkpointing: the recompute in backward sees the same task ids (and dropout masks) as the
 forward, so every adapter gradient equals the one computed without checkpointing."""
+import warnings
+
 import pytest
 import torch
 
@@ -37,7 +39,9 @@ def test_checkpointed_gradients_equal_plain_gradients(method, dropout):
 def test_checkpointing_actually_recomputes_the_layers():
     """The comparison above is only meaningful if the decoder layers really are checkpointed."""
     model = rlora.inject(tiny_llama(), rlora.AdapterConfig(method="mtl", tasks=TASKS)).train()
-    rlora.enable_gradient_checkpointing(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current transformers API, not a deprecated alias
+        rlora.enable_gradient_checkpointing(model)
     calls = []
     layer = next(l for _, l in rlora.adapter_layers(model))
     layer.register_forward_hook(lambda *a: calls.append(1))

@@ -147,9 +147,10 @@ def test_merge_errors():
 
 
 def test_equal_budget_setting_has_equal_trainable_counts():
-    """Documented equal-budget setting (README): for square 64-d projections, lora r=8 ==
-    hydra/rlora N=2 r=5 (+ routers) == mtl n=2 r=5 diagonal (3 tasks) up to the router/task terms,
-    which are reported; the shared A·B budget (r·d_in + N·r·d_out) is exactly equal."""
+    """Documented equal-budget setting (README): for square 64-d projections, lora r=12 ==
+    hydra/rlora N=2 r=8 (+ routers) == mtl n=2 r=8 diagonal (3 tasks): the shared A·B budget
+    r·d_in + N·r·d_out is exactly equal (12·(64 + 64) = 8·64 + 2·8·64 = 1536 per module, 4 modules);
+    the router/task terms come on top, are reported, and stay under 10 % of the total."""
     counts = {}
     for method, r, n in [("lora", 12, 1), ("hydra", 8, 2), ("rlora", 8, 2), ("mtl", 8, 2)]:
         cfg = rlora.AdapterConfig(method=method, r=r, num_heads=n, tasks=TASKS, diagonal=True,
@@ -158,6 +159,19 @@ def test_equal_budget_setting_has_equal_trainable_counts():
         ab = sum(l.lora_A.numel() + l.lora_B.numel() for _, l in rlora.adapter_layers(model))
         counts[method] = (ab, rlora.count_parameters(model)[0])
     print("trainable (A+B, total):", counts)
-    assert len({ab for ab, _ in counts.values()}) == 1
+    assert {ab for ab, _ in counts.values()} == {4 * 1536}
     for method, (ab, total) in counts.items():
         assert (total - ab) / total < 0.1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_picks_the_layer(method):
+    from rlora.layers import LAYERS
+
+    model = rlora.inject(tiny_llama(), rlora.AdapterConfig(method=method, tasks=TASKS))
+    layers = [layer for _, layer in rlora.adapter_layers(model)]
+    assert layers and all(type(layer) is LAYERS[method] and layer.method == method for layer in layers)
+    params = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"lora": {"lora_A", "lora_B"}, "hydra": {"lora_A", "lora_B", "router"},
+                "rlora": {"lora_A", "lora_B", "router"}, "mtl": {"lora_A", "lora_B", "task_lambda", "task_weight"}}
+    assert params == expected[method]

@@ -7,41 +7,36 @@ eos, as in training), the score of option k is
 
 and the prediction is ``argmax_k s_k``. ``loss`` is the per-token negative log-likelihood of the
 target option, ``sum(-s_gold) / sum(len(o_gold))`` -- the training loss measured on this split.
-
-Packing. The prompt is shared by all options, and options often share their first tokens (label
-sets like ``card_arrival`` / ``card_linking``), so each row is one packed sequence: the prompt, then
-the nodes of the prefix tree (trie) of its options. Node positions are ``|p| + depth`` and a 4-D
-attention mask lets a node see the prompt, its ancestors and itself only. Each node's log-prob is
-computed once, and ``s_k`` sums the nodes on option k's path -- exactly the log-probabilities of K
-separate sequences ``p ++ o_k``, for the price of one prompt and the distinct prefixes. Several rows
-are padded into one batch (one forward per batch). Models whose attention kernel cannot take a 4-D
-mask (e.g. flash-attention) use the plain layout: one right-padded sequence per (row, option).
-
-Only the hidden states at the option positions go through the output layer and the softmax:
-``h[b, src] -> lm_head -> log_softmax -> gather`` on N rows, never on all B x L positions.
+How the forwards are laid out (the prompt once, the options as a prefix tree on top of its cached
+keys/values, the output layer once per distinct state) is in :mod:`rlora.data.scoring`.
 
 Free-form rows (``options`` is None) are scored by greedy generation: accuracy is the exact match of
 the normalised text (lowercase, collapsed whitespace, outer punctuation stripped) with the target;
 ``loss`` is the NLL of the target as above.
+
+Per-row results. Besides the totals, every result carries ``row_ids`` (the rows' ``id``) and
+``row_correct`` (1 if the row was answered correctly, else 0) in row order; :func:`evaluate_tasks`
+adds ``row_index`` (each row's position in its task) so that :func:`merge_metrics` can put the rows
+of rank shards back in the original order.
 
 With ``task_id`` the forward runs inside ``rlora.task_ids(...)`` so multi-head adapters route every
 row to that task (a model without adapters ignores it).
 """
 from __future__ import annotations
 
-import contextlib
 import string
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
 from .example import Example
+from .option_trie import build_trie
 from .prompts import build_prompt
+from .scoring import Row, model_device_dtype, score_options, supports_packing, task_context
 from .tokenization import answer_token_ids, prompt_token_ids
 
 T = TypeVar("T")
-HEAD_CHUNK = 2048
+ROW_KEYS = ("row_ids", "row_correct")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,16 +49,33 @@ def shard(examples: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(examples[rank::world_size])
 
 
-def merge_metrics(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Combine the metrics of disjoint shards (sums of ``correct``, ``n``, ``nll_sum``, ``tokens``)."""
+def merge_metrics(parts: Sequence[Mapping]) -> dict:
+    """Combine the metrics of disjoint shards (sums of ``correct``, ``n``, ``nll_sum``, ``tokens``).
+
+    Per-row lists (``row_ids``, ``row_correct``) are joined when every part has them: ordered by
+    ``row_index`` when every part has that (as :func:`evaluate_tasks` sets it), else in part order."""
     correct = sum(p["correct"] for p in parts)
     n = sum(p["n"] for p in parts)
     nll = sum(p["nll_sum"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
-    return _metrics(correct, n, nll, tokens)
+    result = _metrics(correct, n, nll, tokens)
+    if parts and all(all(k in p for k in ROW_KEYS) for p in parts):
+        rows = [tuple(p[k][j] for k in ROW_KEYS) for p in parts for j in range(len(p["row_ids"]))]
+        if all("row_index" in p for p in parts):
+            index = [i for p in parts for i in p["row_index"]]
+            if len(set(index)) != len(index):
+                dup = sorted({i for i in index if index.count(i) > 1})[:5]
+                raise ValueError(f"merge_metrics: row_index {dup} appears in more than one part: merge disjoint "
+                                 "shards (one per rank)")
+            order = sorted(range(len(index)), key=index.__getitem__)
+            rows = [rows[j] for j in order]
+            result["row_index"] = [index[j] for j in order]
+        for k, key in enumerate(ROW_KEYS):
+            result[key] = [r[k] for r in rows]
+    return result
 
 
-def _metrics(correct: float, n: int, nll: float, tokens: int) -> dict[str, float]:
+def _metrics(correct: float, n: int, nll: float, tokens: int) -> dict:
     return {"accuracy": correct / n if n else float("nan"), "n": int(n),
             "loss": nll / tokens if tokens else float("nan"),
             "correct": float(correct), "nll_sum": float(nll), "tokens": int(tokens)}
@@ -73,92 +85,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).lower().strip(string.punctuation + " ")
 
 
-def _task_context(task_id: Optional[int], batch: int, device: torch.device):
-    if task_id is None:
-        return contextlib.nullcontext()
-    try:
-        from rlora.context import task_ids
-    except ImportError:  # adapters not available: the base model has nothing to route
-        return contextlib.nullcontext()
-    return task_ids(torch.full((batch,), int(task_id), dtype=torch.long, device=device))
-
-
-def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def _decoder_and_head(model):
-    """(decoder, output layer) when logits are exactly ``head(decoder(x))``, else None."""
-    cfg = getattr(model, "config", None)
-    if any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        return None
-    get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
-    if not callable(get_dec) or not callable(get_head):
-        return None
-    dec, head = get_dec(), get_head()
-    if dec is None or head is None or dec is model:
-        return None
-    return dec, head
-
-
-def supports_packing(model) -> bool:
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return impl in (None, "eager", "sdpa")
-
-
 # ----------------------------------------------------------------------------------------------
-# scoring
+# rows
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class _Trie:
-    """Prefix tree of a row's options. Node i holds ``tokens[i]``; ``parent[i]`` is -1 for a first
-    token (its context is the prompt); parents come before children; ``paths[k]`` lists option k's nodes."""
-
-    tokens: list[int]
-    parent: list[int]
-    depth: list[int]
-    paths: list[list[int]]
-
-
-def build_trie(options: Sequence[Sequence[int]]) -> _Trie:
-    tokens: list[int] = []
-    parent: list[int] = []
-    depth: list[int] = []
-    index: dict[tuple[int, int], int] = {}
-    paths = []
-    for o in options:
-        cur, path = -1, []
-        for t in o:
-            node = index.get((cur, t))
-            if node is None:
-                node = index[(cur, t)] = len(tokens)
-                tokens.append(t)
-                parent.append(cur)
-                depth.append(0 if cur < 0 else depth[cur] + 1)
-            path.append(node)
-            cur = node
-        paths.append(path)
-    return _Trie(tokens, parent, depth, paths)
-
-
-@dataclass
-class _Row:
-    prompt: list[int]
-    options: list[list[int]]
-
-    def __post_init__(self) -> None:
-        self.trie = build_trie(self.options)
-
-    @property
-    def packed_length(self) -> int:
-        return len(self.prompt) + len(self.trie.tokens)
-
-
 def _prepare_rows(tokenizer, examples: Sequence[Example], max_length: int, use_chat_template: bool,
-                  template: Optional[str]) -> list[_Row]:
+                  template: Optional[str]) -> list[Row]:
     """Token ids per row; the prompt is left-truncated so that prompt + longest option <= max_length."""
     prompts = [build_prompt(ex, tokenizer, use_chat_template, template) for ex in examples]
     prompt_ids = prompt_token_ids(tokenizer, prompts, use_chat_template) if prompts else []
@@ -173,145 +104,8 @@ def _prepare_rows(tokenizer, examples: Sequence[Example], max_length: int, use_c
         keep = max(1, max_length - max(len(o) for o in ids))
         p = p[len(p) - keep:] if len(p) > keep else p
         room = max_length - len(p)
-        rows.append(_Row(p, [o[:room] for o in ids]))
+        rows.append(Row(p, [o[:room] for o in ids]))
     return rows
-
-
-def _token_logprobs(model, input_ids, attention_mask, position_ids, b_idx, src, tok) -> torch.Tensor:
-    """log P(tok[i] | position src[i] of row b_idx[i]) for the N requested tokens -> [N] float32."""
-    split = _decoder_and_head(model)
-    if split is not None:
-        dec, head = split
-        out = dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        picked = hidden[b_idx, src]                                                    # [N, H]
-        project = head
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
-        picked = logits[b_idx, src]                                                    # [N, V]
-        project = None
-    res = []
-    for i in range(0, picked.shape[0], HEAD_CHUNK):
-        chunk = picked[i:i + HEAD_CHUNK]
-        logits = (project(chunk) if project is not None else chunk).float()
-        res.append(torch.log_softmax(logits, dim=-1).gather(1, tok[i:i + HEAD_CHUNK, None]).squeeze(1))
-    return torch.cat(res) if res else torch.zeros(0)
-
-
-def _packed_batch(rows: Sequence[_Row], pad_id: int, device, dtype):
-    """Packed rows ``prompt ++ trie nodes`` and their 4-D additive mask [B, 1, L, L].
-
-    A prompt token sees the earlier prompt tokens; a trie node sees the whole prompt, its ancestors
-    and itself; its position id is ``len(prompt) + depth``. Returns the tensors and, for every node,
-    (row, source position, token): node i is predicted at its parent's position (the last prompt
-    token for a first token).
-    """
-    width = max(r.packed_length for r in rows)
-    bsz = len(rows)
-    ids = torch.full((bsz, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((bsz, width), dtype=torch.long)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(bsz, 1, 1)          # padding rows keep one entry
-    b_idx, src, tok = [], [], []
-    for b, r in enumerate(rows):
-        n, trie = len(r.prompt), r.trie
-        m = len(trie.tokens)
-        ids[b, :n] = torch.tensor(r.prompt, dtype=torch.long)
-        ids[b, n:n + m] = torch.tensor(trie.tokens, dtype=torch.long)
-        pos[b, :n] = torch.arange(n)
-        pos[b, n:n + m] = n + torch.tensor(trie.depth, dtype=torch.long)
-        allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-        allowed[b, n:n + m, :n] = True
-        block = allowed[b, n:n + m, n:n + m]                                 # ancestor-or-self
-        for i, par in enumerate(trie.parent):
-            if par >= 0:
-                block[i] = block[par]
-            block[i, i] = True
-        b_idx += [b] * m
-        src += [n - 1 if par < 0 else n + par for par in trie.parent]
-        tok += trie.tokens
-    mask = torch.zeros((bsz, 1, width, width), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return (ids.to(device), mask.to(device), pos.to(device),
-            torch.tensor(b_idx, device=device), torch.tensor(src, device=device), torch.tensor(tok, device=device))
-
-
-def _plain_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, device):
-    """Right-padded ``prompt ++ option`` sequences with a 2-D mask."""
-    width = max(len(p) + len(o) for p, o in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    b_idx, src, tok = [], [], []
-    for b, (p, o) in enumerate(seqs):
-        n, m = len(p), len(o)
-        ids[b, :n + m] = torch.tensor(p + o, dtype=torch.long)
-        mask[b, :n + m] = 1
-        b_idx += [b] * m
-        src += list(range(n - 1, n + m - 1))
-        tok += o
-    pos = torch.arange(width).expand(len(seqs), width).contiguous()
-    return (ids.to(device), mask.to(device), pos.to(device), torch.tensor(b_idx, device=device),
-            torch.tensor(src, device=device), torch.tensor(tok, device=device))
-
-
-def _batches_by_budget(order: Sequence[int], lengths: Sequence[int], batch_size: int, token_budget: int):
-    """Consecutive groups of ``order`` (sorted longest first) with at most batch_size items and
-    at most token_budget padded tokens (a single longer item still forms its own batch)."""
-    batch: list[int] = []
-    for i in order:
-        if batch and (len(batch) + 1 > batch_size or (len(batch) + 1) * lengths[batch[0]] > token_budget):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
-def score_options(model, rows: Sequence[_Row], pad_id: int, batch_size: int, max_length: int,
-                  task_id: Optional[int] = None, packed: Optional[bool] = None,
-                  on_rows: Optional[Callable[[int], None]] = None) -> list[list[tuple[float, int]]]:
-    """``(sum log-prob, number of tokens)`` for every option of every row."""
-    device, dtype = _model_device_dtype(model)
-    packed = supports_packing(model) if packed is None else packed
-    out: list[list[tuple[float, int]]] = [[(0.0, len(o)) for o in r.options] for r in rows]
-    budget = batch_size * max_length
-    if packed:
-        lengths = [r.packed_length for r in rows]
-        order = sorted(range(len(rows)), key=lambda i: -lengths[i])
-        for group in _batches_by_budget(order, lengths, batch_size, budget):
-            ids, mask, pos, b_idx, src, tok = _packed_batch([rows[i] for i in group], pad_id, device, dtype)
-            with _task_context(task_id, len(group), device):
-                lp = _token_logprobs(model, ids, mask, pos, b_idx, src, tok).tolist()
-            offset = 0
-            for i in group:
-                trie = rows[i].trie
-                for k, path in enumerate(trie.paths):
-                    out[i][k] = (sum(lp[offset + node] for node in path), len(path))
-                offset += len(trie.tokens)
-            if on_rows:
-                on_rows(len(group))
-    else:
-        pairs = [(i, k) for i, r in enumerate(rows) for k in range(len(r.options))]
-        lengths = [len(rows[i].prompt) + len(rows[i].options[k]) for i, k in pairs]
-        order = sorted(range(len(pairs)), key=lambda j: -lengths[j])
-        done = [0] * len(rows)
-        for group in _batches_by_budget(order, lengths, batch_size, budget):
-            seqs = [(rows[pairs[j][0]].prompt, rows[pairs[j][0]].options[pairs[j][1]]) for j in group]
-            ids, mask, pos, b_idx, src, tok = _plain_batch(seqs, pad_id, device)
-            with _task_context(task_id, len(group), device):
-                lp = _token_logprobs(model, ids, mask, pos, b_idx, src, tok)
-            sums = [0.0] * len(group)
-            for b, v in zip(b_idx.tolist(), lp.tolist()):
-                sums[b] += v
-            finished = 0
-            for j, v in zip(group, sums):
-                i, k = pairs[j]
-                out[i][k] = (v, out[i][k][1])
-                done[i] += 1
-                finished += done[i] == len(rows[i].options)
-            if on_rows and finished:
-                on_rows(finished)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +113,7 @@ def score_options(model, rows: Sequence[_Row], pad_id: int, batch_size: int, max
 # ----------------------------------------------------------------------------------------------
 def _generate(model, tokenizer, prompts: Sequence[list[int]], batch_size: int, max_new_tokens: int,
               task_id: Optional[int]) -> list[str]:
-    device, _ = _model_device_dtype(model)
+    device, _ = model_device_dtype(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -330,7 +124,7 @@ def _generate(model, tokenizer, prompts: Sequence[list[int]], batch_size: int, m
         for b, p in enumerate(batch):                     # left padding: every row ends where generation starts
             ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[b, width - len(p):] = 1
-        with _task_context(task_id, len(batch), device):
+        with task_context(task_id, len(batch), device):
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id)
@@ -349,17 +143,20 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[Example], batc
                              on_rows: Optional[Callable[[int], None]] = None) -> dict:
     """Accuracy and loss of ``model`` on ``examples`` (one task).
 
-    Returns ``{"accuracy", "n", "loss", "correct", "nll_sum", "tokens"}`` (the last three let shards be
-    combined with :func:`merge_metrics`); with ``return_details`` also ``predictions`` (the predicted
-    option or generated text per row) and ``scores`` (per-row option scores). ``batch_size`` is the
-    number of packed rows per forward (capped at ``batch_size * max_length`` tokens). ``packed=None``
-    packs when the attention kernel allows it. The model's train/eval mode is restored afterwards.
+    Returns ``{"accuracy", "n", "loss", "correct", "nll_sum", "tokens", "row_ids", "row_correct"}``
+    (``correct``, ``nll_sum`` and ``tokens`` let shards be combined with :func:`merge_metrics`;
+    ``row_ids`` / ``row_correct``: each row's id and 0/1 correctness, in row order); with
+    ``return_details`` also ``predictions`` (the predicted option or generated text per row) and
+    ``scores`` (per-row option scores). ``batch_size`` is the number of rows per forward (capped at
+    about ``batch_size * max_length`` tokens). ``packed=None`` uses the tree layout of
+    :mod:`rlora.data.scoring` when the attention kernel takes a 4-D mask, else one sequence per
+    option. The model's train/eval mode is restored afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     examples = list(examples)
     if not examples:
-        return _metrics(0, 0, 0.0, 0)
+        return {**_metrics(0, 0, 0.0, 0), "row_ids": [], "row_correct": []}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
@@ -377,24 +174,27 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[Example], batc
                     on_rows(len(examples))
     finally:
         model.train(was_training)
-    correct, nll, tokens = 0, 0.0, 0
-    predictions, scores = [], []
+    nll, tokens = 0.0, 0
+    predictions, scores, row_correct = [], [], []
     for i, (ex, opts) in enumerate(zip(examples, scored)):
         values = [s / max(n, 1) if length_normalized else s for s, n in opts]
         if ex.options is None:
             pred = generated[i]
-            correct += normalize_answer(pred) == normalize_answer(ex.target)
+            hit = normalize_answer(pred) == normalize_answer(ex.target)
             gold = 0
         else:
             best = max(range(len(values)), key=values.__getitem__)
             pred = ex.options[best]
             gold = ex.options.index(ex.target)
-            correct += pred == ex.target                 # a duplicated gold option counts as correct
+            hit = pred == ex.target                      # a duplicated gold option counts as correct
         nll -= opts[gold][0]
         tokens += opts[gold][1]
+        row_correct.append(int(hit))
         predictions.append(pred)
         scores.append(values)
-    result = _metrics(correct, len(examples), nll, tokens)
+    result = _metrics(sum(row_correct), len(examples), nll, tokens)
+    result["row_ids"] = [ex.id for ex in examples]
+    result["row_correct"] = row_correct
     if return_details:
         result["predictions"] = predictions
         result["scores"] = scores
@@ -411,26 +211,36 @@ def evaluate_tasks(model, tokenizer, tasks: Mapping[str, Sequence[Example]], tas
     Task ``name`` is routed to adapter head ``task_names.index(name)`` (no routing for names not in
     ``task_names``). With ``world_size > 1`` each rank scores its :func:`shard` of every task; combine
     the ranks' results per task with :func:`merge_metrics`. ``max_examples_per_task`` keeps the first rows.
+
+    Each task's metrics are those of :func:`evaluate_multiple_choice` plus ``row_index``: the position
+    of each scored row among the task's (first ``max_examples_per_task``) rows, so that the per-row
+    lists ``row_ids`` / ``row_correct`` of the shards merge back into the original row order.
     """
     from tqdm.auto import tqdm
 
     templates = templates or {}
     names = list(task_names)
-    selected = {name: shard(list(exs)[:max_examples_per_task], rank, world_size) for name, exs in tasks.items()}
+    selected = {name: shard(list(enumerate(list(exs)[:max_examples_per_task])), rank, world_size)
+                for name, exs in tasks.items()}
     results: dict[str, dict] = {}
     with tqdm(total=sum(len(v) for v in selected.values()), desc="eval", unit="ex", disable=not progress) as bar:
         for name, exs in selected.items():
             bar.set_postfix_str(name)
             results[name] = evaluate_multiple_choice(
-                model, tokenizer, exs, batch_size=batch_size, length_normalized=length_normalized,
+                model, tokenizer, [ex for _, ex in exs], batch_size=batch_size, length_normalized=length_normalized,
                 max_length=max_length, task_id=names.index(name) if name in names else None,
                 use_chat_template=use_chat_template, template=templates.get(name), on_rows=bar.update)
+            results[name]["row_index"] = [i for i, _ in exs]
     return results
 
 
-def macro_average(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+def macro_average(results: Mapping[str, Mapping]) -> dict[str, float]:
     """Unweighted mean of accuracy and loss over tasks."""
     accs = [r["accuracy"] for r in results.values() if r["n"]]
     losses = [r["loss"] for r in results.values() if r["n"]]
     return {"accuracy": sum(accs) / len(accs) if accs else float("nan"),
             "loss": sum(losses) / len(losses) if losses else float("nan")}
+
+
+__all__ = ["evaluate_multiple_choice", "evaluate_tasks", "merge_metrics", "macro_average", "shard",
+           "normalize_answer", "score_options", "supports_packing", "build_trie", "ROW_KEYS"]

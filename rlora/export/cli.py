@@ -51,7 +51,8 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("register", help="register an adapter in the MLflow model registry as a pyfunc model")
     r.add_argument("source", help=src_help)
     r.add_argument("--name", required=True, help="registered model name")
-    r.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
+    r.add_argument("--alias", default="challenger",
+                   help="alias to point at the new version (default challenger; champion moves only when named)")
     r.add_argument("--task", help="default task for rows that name none")
     r.add_argument("--base-model", help="base model reference (default: the adapter config's base_model)")
     r.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")

@@ -11,9 +11,10 @@ Steps (nothing is registered unless every step succeeds):
 A failure in step 3 deletes the version (and the registered model when this call created it) and
 marks the run FAILED; a process killed before step 3 leaves a run with artifacts but no version.
 
-Promotion: register a candidate with ``--alias challenger``, compare it with ``models:/NAME@champion``,
-then move the champion alias with ``MlflowClient().set_registered_model_alias(NAME, "champion", version)``
-(or register again with ``--alias champion``).
+Promotion: a registration points ``challenger`` at the new version unless another alias is named, so
+it never moves ``champion`` by itself. Compare the candidate with ``models:/NAME@champion``, then move
+the champion alias with ``MlflowClient().set_registered_model_alias(NAME, "champion", version)`` (or
+register with ``--alias champion``).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _signature():
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
 
 
-def register(source, name: str, alias: str = "champion", tracking_uri: Optional[str] = None,
+def register(source, name: str, alias: str = "challenger", tracking_uri: Optional[str] = None,
              task: Optional[str] = None, base_model: Optional[str] = None, experiment: Optional[str] = None,
              artifact_location: Optional[str] = None) -> Registered:
     """Register the adapter at ``source`` as a pyfunc model version of ``name`` with ``alias``.

@@ -15,9 +15,10 @@ from .base import AdapterError, MultiHeadLoRALinear
 class MTLLoRALinear(MultiHeadLoRALinear):
     """For a sample of task t: ``h = W0 x + s · (Σ_i softmax(w_t/τ)_i B_i) Λ_t A drop(x)``
 
-    Shapes: x [b, L, d_in] with task ids [b] (a batch may mix tasks), A [r, d_in], Λ [T, r, r]
-    (identity init; ``diagonal``: [T, r], ones), mixing logits w [T, n] (kaiming-uniform), B [d_out, n, r]
-    (zeros). z = A drop(x) [b, L, r]; z' = Λ_t z [b, L, r]; m = softmax(w_t/τ) [b, n];
+    Shapes: x [b, L, d_in] or [b, d_in] (L = 1) with task ids [b] (a batch may mix tasks; one id
+    serves every sample), A [r, d_in], Λ [T, r, r] (identity init; ``diagonal``: [T, r], ones),
+    mixing logits w [T, n] (kaiming-uniform), B [d_out, n, r] (zeros).
+    z = A drop(x) [b, L, r]; z' = Λ_t z [b, L, r]; m = softmax(w_t/τ) [b, n];
     u = s · m ⊗ z' [b, L, n, r] -> [b·L, n·r]; h = W0 x + u B_catᵀ.  One pass for the whole batch.
     """
 
@@ -61,7 +62,9 @@ class MTLLoRALinear(MultiHeadLoRALinear):
         return ids.to(self.lora_A.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._batch = x.shape[0] if x.dim() > 2 else 1  # rank_features sees flattened tokens
+        # the samples are the first dimension ([b, L, d_in] or [b, d_in]); rank_features sees the
+        # flattened tokens [b·L, d_in], so it is told b here
+        self._batch = x.shape[0] if x.dim() >= 2 else 1
         return super().forward(x)
 
     def rank_features(self, x: torch.Tensor) -> torch.Tensor:

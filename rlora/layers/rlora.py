@@ -19,6 +19,8 @@ class RLoRALinear(HydraLoRALinear):
       ``−s · B̄⁰ A⁰`` with ``B̄⁰ = (1/N) Σ_i B_i⁰`` cancels the initial update, so at step 0 the model
       equals the base model.  The offset (``offset_A`` [r, d_in], ``offset_B`` [d_out, r]) is part of
       the adapter: saved, loaded and exported.
+    * ``initial_B`` [d_out, N, r]: a plain copy of the initial heads B_i⁰ (not a buffer: neither saved
+      nor exported), so that diagnostics can tell the learned change B_i − B_i⁰ from the random init.
 
     Shapes: x [T, d_in]; [z | z⁰] = x [A | A⁰]ᵀ [T, 2r] (one matmul); u = [s·g_i·drop_i(z) | −s·z⁰]
     [T, (N+1)·r]; h = W0 x + u [B_cat | B̄⁰]ᵀ.
@@ -33,6 +35,7 @@ class RLoRALinear(HydraLoRALinear):
             self.lora_A.normal_(0.0, self.d_in ** -0.5).mul_(scale)
             self.lora_B.normal_(0.0, self.d_out ** -0.5).mul_(scale)
             self.router.zero_()
+        self.initial_B = self.lora_B.detach().clone()
         self.use_offset = cfg.zero_start_offset
         if self.use_offset:
             self.register_buffer("offset_A", self.lora_A.detach().clone())

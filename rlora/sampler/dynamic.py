@@ -52,7 +52,8 @@ class DynamicBalancer:
     def __init__(self, task_sizes: np.ndarray, cfg: SamplerConfig, task_weights=None):
         self.num_tasks = len(task_sizes)
         self.prior = apply_task_weights(proportional(task_sizes), task_weights)
-        self._log_prior_list = np.log(self.prior).tolist()
+        with np.errstate(divide="ignore"):  # a task of weight 0 has log-prior -inf: only the floor draws it
+            self._log_prior_list = np.log(self.prior).tolist()
         self.tau = float(cfg.dynamic_tau)
         self.floor = float(cfg.dynamic_floor)
         self.interval = int(cfg.dynamic_interval)

@@ -127,6 +127,8 @@ class TaskSampler:
         self.task_weights = validate_task_weights(task_weights, cfg, names)
         self._probs = apply_task_weights(compute_probabilities(sizes, cfg, names), self.task_weights)
         self._dynamic = (DynamicBalancer(sizes, cfg, self.task_weights) if self.strategy == "dynamic" else None)
+        if self._dynamic is not None:  # the floor applies to the weighted prior: start where the balancer does
+            self._probs = self._dynamic.probabilities.copy()
         # tasks that can be drawn; only they count for the epoch budget
         self._active = self._probs > 0
         if self.homogeneous:

@@ -112,6 +112,8 @@ def start_or_resume_run(cfg: RunConfig, run_name: str, config_yaml: Optional[str
     tags = {RUN_NAME_TAG: run_name, "method": cfg.adapter.method, "base_model": cfg.model.name_or_path,
             "tasks": ",".join(cfg.adapter.tasks)[:5000], "git_commit": git_commit(),
             "mlflow.runName": run_name}
+    if cfg.mlflow.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id  # a child run, e.g. one cell of `rlora compare`
     run = c.create_run(exp_id, tags=tags, run_name=run_name)
     run_id = run.info.run_id
     params = config_params(cfg)

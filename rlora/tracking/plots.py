@@ -80,7 +80,8 @@ def _layout(names: list[str]) -> tuple[list, list, dict]:
 
 def plot_head_similarity(matrices: Mapping[str, np.ndarray], path: PathLike, kind: str = "BA") -> Path:
     """Grid of per-layer N x N head cosine matrices (rows: module type, columns: layer index), shared
-    scale −1..1.  ``matrices``: {layer name: [N, N]} from ``head_similarity_matrices``."""
+    scale −1..1.  ``matrices``: {layer name: [N, N]} from ``head_similarity_matrices``; ``kind``
+    names what they compare (``B``, ``BA``, ``learned``, ``effective``) in the title."""
     if not matrices:
         raise PlotError("plot_head_similarity got no matrices: the adapter needs num_heads >= 2")
     names = list(matrices)
@@ -110,7 +111,8 @@ def plot_head_similarity(matrices: Mapping[str, np.ndarray], path: PathLike, kin
     ax.tick_params(length=0)
     for s in ax.spines.values():
         s.set_visible(False)
-    what = "cos(B_i A, B_j A)" if kind == "BA" else "cos(B_i, B_j)"
+    what = {"B": "cos(B_i, B_j)", "BA": "cos(B_i A, B_j A)", "learned": "of the learned updates (B_i − B_i⁰) A",
+            "effective": "of the effective updates B_i A − B̄⁰A⁰"}.get(kind, kind)
     ax.set_xlabel("layer index (each panel: heads i x j)")
     ax.set_ylabel("module")
     ax.set_title(f"Head similarity {what}, mean over pairs {mean:+.3f}\n"
@@ -226,13 +228,17 @@ def plot_mtl_mixing(mixing: np.ndarray, task_names: Sequence[str], path: PathLik
 def save_diagnostic_plots(diag, out_dir: PathLike, history: Optional[Sequence[Mapping]] = None,
                           prefix: str = "") -> list[Path]:
     """Write every plot that applies to a :class:`rlora.tracking.diagnostics.Diagnostics` into
-    ``out_dir`` (``head_similarity.png``, ``interference.png``, ``router_usage.png``,
-    ``mtl_mixing.png``, ``task_weights.png`` with a sampler history); returns the paths."""
+    ``out_dir`` (``head_similarity.png``, ``head_similarity_learned.png`` where the learned updates
+    differ from the raw ones (R-LoRA), ``interference.png``, ``router_usage.png``, ``mtl_mixing.png``,
+    ``task_weights.png`` with a sampler history); returns the paths."""
     out, paths = Path(out_dir), []
     names = list(diag.task_names)
     if diag.matrices:
         paths.append(plot_head_similarity({k: v["BA"] for k, v in diag.matrices.items()},
                                           out / f"{prefix}head_similarity.png", "BA"))
+        learned = {k: v["learned"] for k, v in diag.matrices.items() if "learned" in v}
+        if any(not np.array_equal(m, diag.matrices[k]["BA"]) for k, m in learned.items()):
+            paths.append(plot_head_similarity(learned, out / f"{prefix}head_similarity_learned.png", "learned"))
     if diag.interference is not None:
         paths.append(plot_interference(diag.interference, names, out / f"{prefix}interference.png"))
     if diag.router is not None:

@@ -36,6 +36,7 @@ def next_micro_batch(sampler, tokenized: dict, names: list[str], pad_token_id: i
     slots = sampler.next_batch()
     feats = [tokenized[names[ti]][ei] for ti, ei in slots]
     batch = left_padded_batch(feats, pad_token_id, [ti for ti, _ in slots])
+    batch["slots"] = slots
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 

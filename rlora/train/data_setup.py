@@ -76,7 +76,7 @@ def load_train_data(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> Tr
 
     train = load_tasks(cfg.data, "train")
     names = resolve_tasks(cfg, list(train))
-    dev = load_tasks(cfg.data, cfg.eval.split)
+    dev = load_tasks(cfg.data, cfg.eval.split) if cfg.eval.max_examples_per_task != 0 else {}
     tokenized = tokenize_tasks(tokenizer, train, cfg.data.max_length, cfg.data.use_chat_template,
                                templates=prompt_templates(cfg.data))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

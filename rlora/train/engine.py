@@ -36,6 +36,7 @@ def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": False},  # trainer.bf16 is autocast around the forward (fp32 adapter + optimizer)
         "fp16": {"enabled": False},
         "steps_per_print": 10 ** 9,

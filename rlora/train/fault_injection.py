@@ -21,5 +21,5 @@ def maybe_exit(fail_at_step: Optional[int], step: int, rank: int, world_size: in
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
-    print(f"[rlora] fault injection: worker rank {rank} exits at step {step}", flush=True)
+    print(f"[rlora] fault injection: worker rank {rank} exits at step {step}", flush=True)  # its log (or console)
     os._exit(1)

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import yaml
 
 from ..config import ConfigError, RunConfig
+from ..console import say
 
 
 @dataclass
@@ -109,7 +110,9 @@ def find_resume_checkpoint(cfg: RunConfig, storage: str, run_name: str) -> Optio
     return str(found) if found else None
 
 
-def _ray_init(cfg: RunConfig) -> None:
+def _ray_init(cfg: RunConfig, verbose: bool = True) -> None:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS`` or start a local Ray. Worker output reaches this
+    process only when ``verbose`` (rlora's own progress lines come through a queue either way)."""
     import ray
 
     if ray.is_initialized():
@@ -120,69 +123,106 @@ def _ray_init(cfg: RunConfig) -> None:
     env.setdefault("OMP_NUM_THREADS", str(int(cfg.ray.resources_per_worker.get("CPU", 1))))
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # an existing cluster, e.g. inside `ray job submit`: the job's runtime env applies
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose)
     else:
         # the dashboard (bound to 127.0.0.1 by default) serves Ray's state API, which Ray Train's
         # placement-group cleaner polls; without it the logs fill with failed queries
         ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host=cfg.ray.dashboard_host,
-                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+                 log_to_driver=verbose, configure_logging=True, logging_level="WARNING")
 
 
-def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool) -> tuple[RunConfig, dict[str, Any], Optional[str]]:
-    """The driver's part, before any training process starts: preflight, MLflow reachable, Ray up and
-    large enough, the run's name, storage folder, resume point and MLflow run."""
+def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool,
+              verbose: bool = True) -> tuple[RunConfig, dict[str, Any], Optional[str]]:
+    """The driver's part, before any training process starts (``cfg`` has passed :func:`preflight`):
+    MLflow reachable, Ray up and large enough, the run's storage folder, resume point and MLflow run."""
     from ..tracking import mlflow_tracker
 
-    cfg = preflight(cfg)
     run_name = default_run_name(cfg)
     storage = storage_path(cfg)
-    if cfg.mlflow.enabled:  # MLflow must answer before anything starts
-        mlflow_tracker.check_reachable(mlflow_tracker.resolve(cfg)[0])
     if local and not is_local_path(storage):
         raise ConfigError(f"ray.storage_path={storage} is remote: a local run keeps checkpoints on a local path "
                           "(unset ray.storage_path or run without --local)")
     if not local:
-        _ray_init(cfg)
+        _ray_init(cfg, verbose)
         check_resources(cfg, storage)
     if is_local_path(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
     # remote storage: the workers scan no folder; Ray Train hands over the run's own latest checkpoint
-    run: dict[str, Any] = {"run_name": run_name, "started_at": time.time(),
+    run: dict[str, Any] = {"run_name": run_name, "started_at": time.time(), "verbose": verbose,
+                           "log_dir": str(run_dir(cfg, run_name) / "logs"),
                            "storage_dir": str(Path(storage) / run_name) if is_local_path(storage) else None}
     run["resume_from"] = find_resume_checkpoint(cfg, storage, run_name)
     if run["resume_from"]:
-        print(f"[rlora] run {run_name} has a checkpoint: resuming from {run['resume_from']}", flush=True)
+        say(f"[rlora] run {run_name} has a checkpoint: resuming from {run['resume_from']}")
     uri = None
     if cfg.mlflow.enabled:
         uri = mlflow_tracker.resolve(cfg)[0]
         cfg_yaml = config_yaml or yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         run["mlflow_run_id"], resumed = mlflow_tracker.start_or_resume_run(cfg, run_name, cfg_yaml)
         run["tracking_uri"] = uri
-        print(f"[rlora] MLflow run {run['mlflow_run_id']} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
+        say(f"[rlora] MLflow run {run['mlflow_run_id']} ({'continued' if resumed else 'new'}) at {uri}")
     where = "this process" if local else f"{cfg.ray.num_workers} Ray workers"
-    print(f"[rlora] run {run_name}: {where}, ZeRO-{cfg.deepspeed.stage}, method {cfg.adapter.method}, "
-          f"tasks {cfg.adapter.tasks}; checkpoints in {storage}/{run_name}", flush=True)
+    say(f"[rlora] run {run_name}: {where}, ZeRO-{cfg.deepspeed.stage}, method {cfg.adapter.method}, "
+        f"tasks {cfg.adapter.tasks}; checkpoints in {storage}/{run_name}")
     return cfg, run, uri
 
 
-def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool = False) -> TrainResult:
-    """Train as configured: Ray Train workers, or (``local``) the same loop in this process with world
-    size 1. Everything that can fail fast fails before a worker starts."""
-    cfg, run, uri = start_run(cfg, config_yaml, local)
-    if local:
-        from .loop import Trainer
-        from .runtime import LocalRuntime
+def run_dir(cfg: RunConfig, run_name: str) -> Path:
+    """``output_dir/<run_name>``: the adapter, the results chart and the run's logs."""
+    return Path(cfg.trainer.output_dir).resolve() / run_name
 
-        runtime = LocalRuntime(Path(run["storage_dir"]), cfg.ray.num_to_keep)
-        Trainer(cfg, runtime, run).fit()
-        return _finish(cfg, run, runtime.latest, uri)
+
+def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool = False,
+                 verbose: bool = True) -> TrainResult:
+    """Train as configured: Ray Train workers, or (``local``) the same loop in this process with world
+    size 1. Everything that can fail fast fails before a worker starts. Unless ``verbose``, everything
+    but rlora's own lines goes to ``output_dir/<run>/logs/run.log`` (workers: ``worker-<rank>.log``)."""
+    from .. import console
+
+    from ..tracking import mlflow_tracker
+
+    cfg = preflight(cfg)
+    if cfg.mlflow.enabled:  # MLflow must answer before anything starts or is written
+        mlflow_tracker.check_reachable(mlflow_tracker.resolve(cfg)[0])
+    cfg.trainer.run_name = default_run_name(cfg)
+    folder = run_dir(cfg, cfg.trainer.run_name)
+    fresh = not folder.exists()
+    log = folder / "logs" / "run.log"
+    if not verbose:
+        say(f"[rlora] log: {log} (rlora train --verbose shows it all here)")
+    with console.run_log(log, verbose):
+        try:
+            cfg, run, uri = start_run(cfg, config_yaml, local, verbose)
+        except ConfigError:  # refused before training (e.g. too few Ray resources): leave nothing behind
+            if fresh:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if local:
+            from .loop import Trainer
+            from .runtime import LocalRuntime
+
+            runtime = LocalRuntime(Path(run["storage_dir"]), cfg.ray.num_to_keep)
+            Trainer(cfg, runtime, run).fit()
+            return _finish(cfg, run, runtime.latest, uri)
+        result = _fit_on_ray(cfg, run)
+        if result.checkpoint is None:
+            return _finish(cfg, run, None, uri)
+        with result.checkpoint.as_directory() as d:
+            return _finish(cfg, run, Path(d), uri, checkpoint_path=result.checkpoint.path)
+
+
+def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
+    """``TorchTrainer.fit`` with rank 0's progress lines relayed to the console through a Ray queue."""
+    import threading
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
 
+    lines = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _entry,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run": run},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run": run, "progress": lines},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=dict(cfg.ray.resources_per_worker)),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
@@ -190,11 +230,23 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool 
                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        return _finish(cfg, run, None, uri)
-    with result.checkpoint.as_directory() as d:
-        return _finish(cfg, run, Path(d), uri, checkpoint_path=result.checkpoint.path)
+    done = threading.Event()
+
+    def relay() -> None:
+        while not (done.is_set() and lines.empty()):
+            try:
+                say(lines.get(timeout=0.5))
+            except Empty:
+                pass
+
+    t = threading.Thread(target=relay, daemon=True)
+    t.start()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()
+        t.join(timeout=10)
+        lines.shutdown()
 
 
 def _entry(payload: dict) -> None:
@@ -224,10 +276,19 @@ def _finish(cfg: RunConfig, run: dict, ckpt_dir: Optional[Path], uri: Optional[s
                 shutil.rmtree(out)
             os.replace(tmp, out)
             adapter_dir = out
+    chart = None
+    if summary.get("results_after"):
+        from ..tracking.results_chart import before_after_chart
+
+        chart = before_after_chart(summary, run_dir(cfg, run["run_name"]) / "accuracy_before_after.png",
+                                   f"{run['run_name']}: {cfg.adapter.method}, {summary.get('global_step')} steps")
+        summary["results_chart"] = str(chart)
     if run.get("mlflow_run_id") and uri:
         tracker = mlflow_tracker.Tracker(uri, run["mlflow_run_id"])
         if adapter_dir is not None and cfg.mlflow.log_artifacts:
             tracker.log_artifacts(str(adapter_dir), "adapter")
+        if chart is not None and cfg.mlflow.log_artifacts:
+            tracker.log_artifact(str(chart))
         if summary:
             tracker.log_dict(summary, "results.json")
         tracker.finish("FINISHED")

@@ -26,6 +26,7 @@ nearly every optimizer step, so this is rare; we keep plain AdamW semantics.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 import time
@@ -35,7 +36,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..config import RunConfig
-from ..distributed import all_reduce_sum, gather_objects, rank0_print
+from ..distributed import all_reduce_sum, gather_objects
 from . import checkpoint as ckpt
 from .fault_injection import maybe_exit
 from .runtime import Runtime
@@ -116,6 +117,7 @@ class Trainer:
         self.task_hist: list[list[float]] = []
         self.tracker = None
         self.clock = _Clock()
+        self.data_order = ""  # chained sha256 of the (task, example) slots of rank 0's micro-batches, in order
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -124,9 +126,9 @@ class Trainer:
         self.resume()
         self.start_tracking()
         self.evaluate_before()
-        self._say(f"[rlora] rank {self.rank}/{self.world}: ready in {time.time() - self.clock.start:.1f}s "
-                  f"({len(self.data.names)} tasks, {self.data.rows} train rows, {self.total_steps} steps, "
-                  f"ZeRO-{self.cfg.deepspeed.stage}, {self.trainable:,} trainable parameters)")
+        self._say(f"[rlora] ready in {time.time() - self.clock.start:.1f}s: {len(self.data.names)} tasks, "
+                  f"{self.data.rows} train rows, {self.total_steps} steps, {self.world} process(es) x ZeRO-"
+                  f"{self.cfg.deepspeed.stage}, {self.trainable:,} trainable parameters")
         self.engine.train()
         self.clock.loop_start = time.time()
         while self.step < self.total_steps:
@@ -183,7 +185,9 @@ class Trainer:
                 cands.append(Path(handed))
             storage = Path(run["storage_dir"]) if run.get("storage_dir") else None
             local = ckpt.latest_in(storage, self.world) if storage is not None and storage.is_dir() else None
-            if local and not (t.resume_from_checkpoint == "never" and local.stat().st_mtime < run["started_at"]):
+            # with "never" or an explicit path, only checkpoints this invocation wrote (after a worker restart)
+            only_new = t.resume_from_checkpoint not in (None, "auto")
+            if local and not (only_new and local.stat().st_mtime < run["started_at"]):
                 cands.append(local)
             if not cands and run.get("resume_from"):
                 cands.append(Path(run["resume_from"]))
@@ -194,6 +198,7 @@ class Trainer:
         self.step = self.resumed_from = int(state["global_step"])
         self.data.sampler.load_state_dict(state["sampler"])
         self.results_before = state.get("results_before")
+        self.data_order = state.get("data_order", "")
         run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
         self._say(f"[rlora] resumed from {best} at step {self.step}/{self.total_steps}")
 
@@ -207,9 +212,21 @@ class Trainer:
             self.tracker.log_metrics({f"data/truncated/{k}": v for k, v in self.data.truncated.items()}, step=0)
 
     def evaluate_before(self) -> None:
+        """Zero-shot dev results: from the fingerprint cache (:mod:`rlora.train.zero_shot`) when this base
+        model, these dev rows and settings were evaluated before, else evaluated (and cached)."""
+        from . import zero_shot
+
         if not self.cfg.eval.before_training or self.results_before is not None or not self.data.dev:
             return
-        self.results_before = self.evaluate()
+        key = zero_shot.fingerprint(self.cfg, self.data.dev) if zero_shot.starts_at_base(self.cfg) else None
+        cached = gather_objects(zero_shot.load(key) if key and self.rank == 0 else None)[0]
+        if cached is not None:
+            self.results_before = cached
+            self._say(f"[rlora] zero-shot results of the base model: cached ({zero_shot.cache_file(key)})")
+        else:
+            self.results_before = self.evaluate()
+            if key and self.rank == 0:
+                zero_shot.store(key, self.results_before)
         self._track({f"eval_before/{k}/accuracy": v["accuracy"] for k, v in self.results_before.items()}, 0)
 
     def train_step(self) -> tuple[list[float], float]:
@@ -225,6 +242,8 @@ class Trainer:
 
         d, T, ga = self.data, len(self.data.names), self.cfg.trainer.gradient_accumulation_steps
         batches = [next_micro_batch(d.sampler, d.tokenized, d.names, d.pad_id, self.engine.device) for _ in range(ga)]
+        for b in batches:
+            self.data_order = hashlib.sha256((self.data_order + repr(b["slots"])).encode()).hexdigest()
         n_tokens = all_reduce_sum(torch.tensor([float(sum(map(answer_tokens, batches)))])).item()
         normalizer = max(n_tokens, 1.0) / (ga * self.world)
         sums, counts = torch.zeros(T), torch.zeros(T)
@@ -307,11 +326,13 @@ class Trainer:
             ckpt.save(self.engine, Path(d), self.rank, {
                 "global_step": self.step, "sampler": self.data.sampler.state_dict(),
                 "run_name": self.run["run_name"], "mlflow_run_id": self.run.get("mlflow_run_id"),
-                "results_before": self.results_before, "total_steps": self.total_steps})
+                "results_before": self.results_before, "total_steps": self.total_steps,
+                "data_order": self.data_order})
             if write is not None:
                 write(Path(d))
             self.rt.report({"global_step": self.step, "loss": self.loss_hist[-1] if self.loss_hist else float("nan")},
                            Path(d))
+        self._say(f"[rlora] checkpoint: step {self.step}")
 
     def finish(self) -> dict[str, Any]:
         from ..adapter_io import adapter_state_dict, save_adapter
@@ -332,6 +353,7 @@ class Trainer:
             "train_loss_last": self.loss_hist[-1] if self.loss_hist else None,
             "mlflow_run_id": self.run.get("mlflow_run_id"), "resumed_from_step": self.resumed_from,
             "trainable_params": self.trainable, "sampler_state": self.data.sampler.state_dict(),
+            "data_order": gather_objects(self.data_order)[0],
             "worker_nodes": gather_objects(self.rt.node_id())}
         self._track({f"eval/{k}/accuracy": v["accuracy"] for k, v in self.results_after.items()}, self.step)
 
@@ -365,8 +387,8 @@ class Trainer:
         return {t: merge_metrics([p[t] for p in parts]) for t in self.data.dev}
 
     def _say(self, line: str) -> None:
-        if self.progress:
-            rank0_print(line)
+        if self.progress and self.rank == 0:
+            self.rt.say(line)
 
     def _track(self, metrics: dict, step: int) -> None:
         if self.tracker:

@@ -35,6 +35,12 @@ class Runtime:
     def node_id(self) -> str:
         return os.uname().nodename
 
+    def say(self, line: str) -> None:
+        """Show one of rank 0's lines to the user."""
+        from ..console import say
+
+        say(line)
+
 
 def init_single_process_group() -> None:
     """A world-size-1 gloo process group in this process (once), for DeepSpeed and the collectives."""

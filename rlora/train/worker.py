@@ -13,11 +13,25 @@ from .runtime import Runtime
 
 
 class RayRuntime(Runtime):
-    def __init__(self) -> None:
+    """``progress``: the driver's queue for rank 0's lines; ``log_dir``: where this worker's own output
+    goes (``worker-<rank>.log``) unless the run is verbose."""
+
+    def __init__(self, progress=None, log_dir: Optional[str] = None) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.progress = progress
+        if log_dir:
+            from ..console import redirect_process_output
+
+            redirect_process_output(Path(log_dir) / f"worker-{self.rank}.log")
+
+    def say(self, line: str) -> None:
+        if self.progress is None:
+            print(line, flush=True)
+        else:
+            self.progress.put(line)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Optional[Path]]:
@@ -42,4 +56,6 @@ class RayRuntime(Runtime):
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    Trainer(RunConfig.model_validate(payload["config"]), RayRuntime(), payload["run"]).fit()
+    run = payload["run"]
+    runtime = RayRuntime(payload.get("progress"), None if run.get("verbose", True) else run.get("log_dir"))
+    Trainer(RunConfig.model_validate(payload["config"]), runtime, run).fit()

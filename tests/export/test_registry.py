@@ -136,6 +136,25 @@ def test_promotion_moves_the_champion_alias(adapters, mlflow_env):
 
 
 @pytest.mark.slow
+def test_default_registration_never_moves_the_champion(adapters, mlflow_env, capsys):
+    """Without --alias (CLI) or alias= (API) a new version becomes the challenger; champion stays put."""
+    from mlflow.tracking import MlflowClient
+
+    from rlora.cli import main
+
+    uri = mlflow_env["uri"]
+    champion = register(adapters["lora"], name="rlora-default", alias="champion", tracking_uri=uri)
+    assert main(["register", str(adapters["lora"]), "--name", "rlora-default", "--tracking-uri", uri]) == 0
+    assert "as @challenger" in capsys.readouterr().out
+    by_api = register(adapters["lora"], name="rlora-default", tracking_uri=uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert str(c.get_model_version_by_alias("rlora-default", "champion").version) == champion.version == "1"
+    assert by_api.alias == "challenger" and by_api.version == "3"
+    assert str(c.get_model_version_by_alias("rlora-default", "challenger").version) == "3"
+    assert len(_versions(uri, "rlora-default")) == 3
+
+
+@pytest.mark.slow
 def test_register_from_run_id_and_unknown_task(adapters, mlflow_env, capsys):
     from mlflow.tracking import MlflowClient
 

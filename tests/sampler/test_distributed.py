@@ -40,18 +40,43 @@ def test_each_task_epoch_is_a_permutation_across_ranks(strategy, world, composit
 
 
 def test_ranks_agree_on_global_state_and_disjoint_slices():
-    seq, ranks = _global_sequence("temperature", 3, "mixed", steps=30)
+    # tasks far larger than the 30 * 15 slots drawn: no epoch ends, so no example may appear twice
+    # anywhere, and in particular no two ranks may hold the same example
+    sizes = [4000, 1200, 3000, 750]
+    ranks = [make("temperature", sizes=sizes, batch_size=5, world_size=3, rank=r, seed=3) for r in range(3)]
+    held = [set() for _ in ranks]
+    for step in range(30):
+        slices = [s.next_batch() for s in ranks]
+        for r, b in enumerate(slices):
+            assert len(b) == 5 and len(set(b)) == 5
+            held[r].update(b)
+        for s in ranks:
+            s.update(loss_feed(step, 4), step=step + 1)
+    assert all(len(h) == 30 * 5 for h in held)                  # no rank repeats itself across steps
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert held[a].isdisjoint(held[b]), (a, b)
     assert len({r.step for r in ranks}) == 1
     assert all(r.epochs == ranks[0].epochs for r in ranks)
-    np.testing.assert_array_equal(ranks[0].probabilities, ranks[2].probabilities)
+    for r in ranks[1:]:
+        np.testing.assert_array_equal(ranks[0].examples_seen, r.examples_seen)
+        np.testing.assert_array_equal(ranks[0].probabilities, r.probabilities)
 
 
-def test_rank_slices_are_the_single_process_global_batch():
-    """world_size=2, batch 4 ranks together == the same sampler's global draw seen from both."""
-    a = [make("proportional", batch_size=4, world_size=2, rank=r, seed=11) for r in range(2)]
-    b = [make("proportional", batch_size=4, world_size=2, rank=r, seed=11) for r in range(2)]
-    for _ in range(50):
-        assert a[0].next_batch() + a[1].next_batch() == b[0].next_batch() + b[1].next_batch()
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("strategy", ALL)
+def test_rank_slices_are_the_single_process_global_batch(strategy, world):
+    """The module's contract: each step draws one global batch of world_size * batch_size slots and
+    rank r keeps slots [r * batch_size, (r + 1) * batch_size). So the ranks' slices, concatenated in
+    rank order, equal what one process with the global batch size draws (mixed batches)."""
+    ranks = [make(strategy, batch_size=4, world_size=world, rank=r, seed=11) for r in range(world)]
+    single = make(strategy, batch_size=4 * world, world_size=1, rank=0, seed=11)
+    for step in range(300):
+        union = [slot for s in ranks for slot in s.next_batch()]
+        assert union == single.next_batch(), step
+        for s in ranks + [single]:
+            s.update(loss_feed(step, 4), step=step + 1)
+    assert list(single.epochs) == list(ranks[0].epochs) and sum(single.epochs) >= 4  # crossed epoch boundaries
 
 
 @pytest.mark.parametrize("strategy", ["proportional", "uniform", "round_robin", "dynamic"])

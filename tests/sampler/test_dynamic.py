@@ -120,3 +120,41 @@ def test_bad_update_input():
         s.update([1.0] * 4, step=-1)
     with pytest.raises(SamplerError, match=r"^update: task_losses must be a sequence of floats"):
         s.update(["a", "b", "c", "d"])
+
+
+def _two_step_probabilities(**cfg_kw):
+    """Equal sizes, window 1: step 1 gives one loss per task, step 2 the ratios r = (1, 0.5, 0.25)."""
+    s = make("dynamic", sizes=EQUAL, names=None,
+             cfg_kw={"dynamic_interval": 1, "dynamic_window": 1, "dynamic_floor": 0.0, **cfg_kw})
+    s.update([1.0, 1.0, 1.0], step=1)
+    s.update([1.0, 0.5, 0.25], step=2)
+    np.testing.assert_allclose(s.loss_ratios, [1.0, 0.5, 0.25])
+    return s.probabilities
+
+
+@pytest.mark.parametrize("tau", [0.25, 1.0, 4.0])
+def test_tau_divides_the_signal(tau):
+    """p_t ~ exp(r_t / tau): a small tau concentrates the weight on the stalled task, a large one flattens it."""
+    p = _two_step_probabilities(dynamic_tau=tau)
+    w = np.exp(np.array([1.0, 0.5, 0.25]) / tau)
+    np.testing.assert_allclose(p, w / w.sum(), rtol=1e-12)
+
+
+def test_tau_orders_the_spread():
+    cold, hot = _two_step_probabilities(dynamic_tau=0.25), _two_step_probabilities(dynamic_tau=4.0)
+    assert cold[0] > hot[0] and cold[2] < hot[2]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+def test_conflict_weight_scales_the_conflict_term(beta):
+    """s_t = r_t - beta * c_t: beta 0 ignores the matrix, larger beta moves more weight to the conflicting task."""
+    c = np.array([[1.0, 0.5, -0.6], [0.5, 1.0, -0.4], [-0.6, -0.4, 1.0]])
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw={
+        "dynamic_interval": 1, "dynamic_window": 1, "dynamic_floor": 0.0, "dynamic_signal": "loss_ratio+conflict",
+        "dynamic_conflict_weight": beta})
+    s.update([1.0, 1.0, 1.0], step=1, conflict=c)
+    cbar = np.array([(0.5 - 0.6) / 2, (0.5 - 0.4) / 2, (-0.6 - 0.4) / 2])
+    w = np.exp(1.0 - beta * cbar)
+    np.testing.assert_allclose(s.probabilities, w / w.sum(), rtol=1e-12)
+    if beta == 0.0:
+        np.testing.assert_allclose(s.probabilities, [1 / 3] * 3, rtol=1e-12)

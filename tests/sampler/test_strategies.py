@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from rlora.config import SamplerConfig
-from rlora.sampler import SamplerWarning, compute_probabilities, steps_per_epoch
+from rlora.sampler import SamplerError, SamplerWarning, compute_probabilities, steps_per_epoch
+from rlora.sampler.strategies import proportional
 
 from .conftest import NAMES, SIZES, make, make_cfg
 
@@ -116,3 +117,55 @@ def test_steps_per_epoch_helper():
     assert steps_per_epoch([100, 300], p, 10, "first_exhausted") == pytest.approx(20.0)
     assert steps_per_epoch([100, 300], p, 10, "all_exhausted") == pytest.approx(60.0)
     assert steps_per_epoch([100, 300], [1.0, 0.0], 10, "all_exhausted") == pytest.approx(10.0)
+
+
+W = [3.0, 1.0, 0.5, 2.0]
+
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "temperature", "capped", "uniform",
+                                      "dynamic"])
+def test_task_weights_multiply_the_strategy_probabilities(strategy):
+    """p_t = q_t w_t / sum_s q_s w_s with q the strategy's distribution (for dynamic: its prior, then the floor)."""
+    q = compute_probabilities(SIZES, make_cfg(strategy), NAMES)
+    s = make(strategy, task_weights=W)
+    if strategy == "dynamic":
+        prior = proportional(np.array(SIZES)) * W
+        expected = 0.95 * prior / prior.sum() + 0.05 / 4
+    else:
+        expected = q * W / (q * W).sum()
+    np.testing.assert_allclose(s.probabilities, expected, rtol=1e-12)
+    assert not np.allclose(s.probabilities, q)
+    # all weights 1 is no weighting
+    np.testing.assert_array_equal(make(strategy, task_weights=[1.0] * 4).probabilities, make(strategy).probabilities)
+
+
+def test_dynamic_reweighting_keeps_the_weighted_prior():
+    """Equal loss signals give back the weighted prior (not the plain proportional one) at every re-weighting."""
+    s = make("dynamic", task_weights=W, cfg_kw={"dynamic_interval": 2, "dynamic_window": 1})
+    for step in range(1, 5):
+        s.update([1.0] * 4, step=step)
+    assert [h["step"] for h in s.history] == [0, 2, 4]
+    prior = proportional(np.array(SIZES)) * W
+    expected = 0.95 * prior / prior.sum() + 0.05 / 4
+    np.testing.assert_allclose(s.probabilities, expected, rtol=1e-12)
+    assert all(np.allclose(h["probabilities"], expected, rtol=1e-12) for h in s.history)
+
+
+def test_weighted_draws_follow_the_weighted_probabilities():
+    s = make("uniform", batch_size=8, task_weights=W)
+    counts, steps = np.zeros(4), 2000
+    for _ in range(steps):
+        for t, _ in s.next_batch():
+            counts[t] += 1
+    p, trials = np.array(W) / sum(W), steps * 8
+    np.testing.assert_allclose(s.probabilities, p, rtol=1e-12)
+    assert np.all(np.abs(counts - trials * p) <= 4 * np.sqrt(trials * p * (1 - p)))
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "probabilities"])
+def test_task_weights_are_refused_where_there_is_nothing_to_weight(strategy):
+    with pytest.raises(SamplerError,
+                       match=rf"^data.tasks\[\].weight does not combine with sampler.strategy={strategy}"):
+        make(strategy, task_weights=W)
+    make(strategy, task_weights=[1.0] * 4)  # all ones: no weighting, accepted

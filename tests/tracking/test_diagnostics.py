@@ -12,6 +12,8 @@ from rlora.config import SamplerConfig
 from rlora.layers import HydraLoRALinear
 from rlora.sampler.dynamic import DynamicBalancer
 from rlora.tracking import diagnostics as D
+from rlora.tracking.interference import PER_TASK_PARAMETERS, shared_adapter_params
+from rlora.tracking.metric_names import flatten, unique_segments
 from rlora.train.batches import forward_loss, left_padded_batch
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -103,6 +105,92 @@ def test_head_diagnostics_cover_plain_lora_without_pairs():
 
 
 # ------------------------------------------------------------------------------------------------
+# learned and effective head updates
+# ------------------------------------------------------------------------------------------------
+def naive_update_cosines(layer, kind):
+    """[N, N] cosines of the full d_out x d_in per-head matrices, formed explicitly in float64."""
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    N = B.shape[1]
+    if kind == "learned":
+        mats = [(B[:, i] - layer.initial_B[:, i].double()) @ A for i in range(N)]
+    else:
+        mats = [B[:, i] @ A - layer.offset_B.double() @ layer.offset_A.double() for i in range(N)]
+    flat = torch.stack([m.reshape(-1) for m in mats])
+    n = flat.norm(dim=1)
+    return ((flat @ flat.t()) / torch.outer(n, n)).numpy()
+
+
+def test_fresh_rlora_has_no_learned_update_but_nonzero_raw_similarity():
+    model = adapter_model("rlora", heads=3, r=4, hidden=128)
+    raw = D.head_similarity(model)
+    upd = D.update_similarity(model)
+    assert set(upd) == set(raw)
+    assert any(abs(s["B_cos"]) > 1e-3 for s in raw.values())                # random heads: not exactly 0
+    assert all(s["learned_cos"] == 0.0 for s in upd.values())               # B_i = B_i⁰: no learned update
+    for m in D.head_similarity_matrices(model, "learned").values():
+        assert np.array_equal(m, np.zeros((3, 3)))                            # zero updates, zero diagonal
+    for name, layer in rlora.adapter_layers(model):                         # (B_i⁰ − B̄⁰) A⁰ sum to zero
+        assert upd[name]["effective_cos"] == pytest.approx(-0.5, abs=0.25)
+    metrics = D.run_diagnostics(model, None, TASKS).metrics()
+    assert metrics["diag/head_cos_learned/mean"] == 0.0 and metrics["diag/head_cos_learned/max"] == 0.0
+    assert metrics["diag/head_cos_B/max"] != 0.0 and "diag/head_cos_effective/q_proj" in metrics
+
+
+def test_same_learned_delta_on_every_rlora_head_gives_learned_similarity_one():
+    model = adapter_model("rlora")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, layer in rlora.adapter_layers(model):
+            delta = torch.randn(layer.d_out, layer.r, generator=g) * layer.initial_B.std()   # as large as B⁰
+            layer.lora_B.copy_(layer.initial_B + delta[:, None, :])            # B_i = B_i⁰ + δ for all i
+    upd, raw = D.update_similarity(model), D.head_similarity(model)
+    for name in upd:
+        assert upd[name]["learned_cos"] == pytest.approx(1.0, abs=1e-12)
+        assert abs(raw[name]["B_cos"]) < 0.9                                  # the raw heads still differ
+    for m in D.head_similarity_matrices(model, "learned").values():
+        assert np.allclose(m, np.ones((3, 3)), atol=1e-12)
+
+
+def test_learned_and_effective_cosines_equal_the_full_matrices():
+    model = randomise(adapter_model("rlora", heads=3, r=4), std=0.1)
+    learned = D.head_similarity_matrices(model, "learned")
+    effective = D.head_similarity_matrices(model, "effective")
+    for name, layer in rlora.adapter_layers(model):
+        assert np.allclose(learned[name], naive_update_cosines(layer, "learned"), atol=1e-10)
+        assert np.allclose(effective[name], naive_update_cosines(layer, "effective"), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["hydra", "mtl"])
+def test_zero_initialised_methods_learned_and_effective_equal_raw_BA(method):
+    model = randomise(adapter_model(method), std=0.1)
+    ba = D.head_similarity_matrices(model, "BA")
+    for kind in ("learned", "effective"):
+        mats = D.head_similarity_matrices(model, kind)
+        assert set(mats) == set(ba) and all(np.array_equal(mats[k], ba[k]) for k in ba)
+    sim, upd = D.head_similarity(model), D.update_similarity(model)
+    assert all(upd[k] == {"learned_cos": sim[k]["BA_cos"], "effective_cos": sim[k]["BA_cos"]} for k in sim)
+
+
+def test_learned_similarity_left_out_when_the_initial_heads_are_unknown(tmp_path):
+    from helpers import tiny_llama
+
+    model = randomise(adapter_model("rlora"), std=0.1)
+    rlora.save_adapter(model, tmp_path / "a")
+    same = rlora.load_adapter(tiny_llama(hidden=64, layers=2), tmp_path / "a")   # same seed: same B_i⁰ drawn
+    assert D.update_similarity(same) == D.update_similarity(model)
+    base = tiny_llama(hidden=64, layers=2)
+    torch.manual_seed(123)                                                        # another random init
+    loaded = rlora.load_adapter(base, tmp_path / "a")
+    upd = D.update_similarity(loaded)
+    assert upd and all("learned_cos" not in s and "effective_cos" in s for s in upd.values())
+    assert D.head_similarity_matrices(loaded, "learned") == {}
+    metrics = D.run_diagnostics(loaded, None, TASKS).metrics()
+    assert not any(k.startswith("diag/head_cos_learned/") for k in metrics)
+    assert metrics["diag/head_cos_effective/mean"] == pytest.approx(
+        D.run_diagnostics(model, None, TASKS).metrics()["diag/head_cos_effective/mean"], abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
 # router usage
 # ------------------------------------------------------------------------------------------------
 def naive_router(model, probe):
@@ -191,10 +279,11 @@ def test_mtl_mixing_rows_sum_to_one_and_lambda_deviation(diagonal):
 # ------------------------------------------------------------------------------------------------
 # task interference
 # ------------------------------------------------------------------------------------------------
-def naive_interference(model, probe, num_tasks):
-    """One backward per task into .grad, cosines in numpy float64."""
+def naive_interference(model, probe, num_tasks, shared_only=True):
+    """One backward per task into .grad, cosines in numpy float64 (over the shared parameters, or all)."""
     model.eval()
-    params = [p for _, l in rlora.adapter_layers(model) for p in l.parameters() if p.requires_grad]
+    params = [p for _, l in rlora.adapter_layers(model) for n, p in l.named_parameters()
+              if p.requires_grad and not (shared_only and n in PER_TASK_PARAMETERS)]
     grads = []
     for batch in probe.values():
         model.zero_grad(set_to_none=True)
@@ -222,6 +311,20 @@ def test_interference_equals_naive_per_task_backward(method):
     assert (np.abs(got) <= 1.0).all() and not np.allclose(got, 1.0)
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_mtl_interference_uses_shared_parameters_only(diagonal):
+    model = randomise(adapter_model("mtl", diagonal=diagonal), std=0.1)
+    shared = shared_adapter_params(model)
+    private = [p for _, l in rlora.adapter_layers(model) for n, p in l.named_parameters() if n in PER_TASK_PARAMETERS]
+    assert len(private) == 2 * 6 and not any(p is q for p in shared for q in private)   # Λ_t and w_t, 6 layers
+    assert all(p.requires_grad for p in private)
+    probe = probe_for()
+    got = D.task_interference(model, probe, 3)
+    assert np.abs(got - naive_interference(model, probe, 3)).max() < 1e-6
+    everything = naive_interference(model, probe, 3, shared_only=False)        # Λ/w included: the old figure
+    assert np.abs(got - everything).max() > 1e-4
+
+
 def test_interference_zero_gradient_and_absent_tasks():
     model = randomise(adapter_model("rlora"), std=0.1)
     rows = synthetic_rows(["alpha", "beta"])
@@ -231,7 +334,7 @@ def test_interference_zero_gradient_and_absent_tasks():
     assert c[0, 0] == 1.0
     assert c[1, 0] == 0.0 and c[0, 1] == 0.0 and c[1, 1] == 0.0              # zero gradient: zero row/column
     assert np.isnan(c[2]).all() and np.isnan(c[:, 2]).all()                  # gamma not probed
-    metrics = D._flatten(D.Diagnostics(task_names=TASKS, interference=c))
+    metrics = flatten(D.Diagnostics(task_names=TASKS, interference=c))
     assert metrics["diag/interference/alpha__beta"] == 0.0
     assert not any("gamma" in k for k in metrics) and all(math.isfinite(v) for v in metrics.values())
 
@@ -271,7 +374,7 @@ def test_probe_errors_are_one_line():
     frozen = adapter_model("lora")
     for p in frozen.parameters():
         p.requires_grad_(False)
-    with pytest.raises(D.DiagnosticsError, match="no trainable adapter parameter"):
+    with pytest.raises(D.DiagnosticsError, match="no trainable shared adapter parameter"):
         D.task_interference(frozen, probe_for(), 3)
 
 
@@ -292,7 +395,7 @@ def test_metrics_are_finite_and_valid_mlflow_names(method):
     if method in ("hydra", "rlora"):
         assert "diag/router_usage/bool_q/head2" in metrics and "diag/router_entropy/_" in metrics
         assert np.allclose(d.router["usage"], D.router_usage(model, probe_for(tasks))["usage"], atol=1e-6)
-        ent = [metrics[f"diag/router_entropy/{s}"] for s in D._unique_segments(tasks)]
+        ent = [metrics[f"diag/router_entropy/{s}"] for s in unique_segments(tasks)]
         assert all(0.0 <= e <= 1.0 for e in ent)
     if method == "mtl":
         assert "diag/mtl_mix/a b/head0" in metrics and "diag/lambda_dev/a_b" in metrics
@@ -310,4 +413,4 @@ def test_metric_count_does_not_grow_with_depth():
 def test_metric_segment():
     assert D.metric_segment("model.layers.0.q_proj") == "model.layers.0.q_proj"
     assert D.metric_segment("a/b:c") == "a_b_c" and D.metric_segment("..") == "_" and D.metric_segment("") == "_"
-    assert D._unique_segments(["a:b", "a_b", "a/b"]) == ["a_b", "a_b_1", "a_b_2"]
+    assert unique_segments(["a:b", "a_b", "a/b"]) == ["a_b", "a_b_1", "a_b_2"]

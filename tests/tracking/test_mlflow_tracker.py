@@ -77,3 +77,24 @@ def test_transient_errors_warn_and_continue(tmp_path):
 @pytest.mark.slow
 def test_http_server_run_lifecycle(mlflow_server):
     _exercise(mlflow_server)
+
+
+def test_experiment_artifact_location_and_parent_come_from_the_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = mt.client(uri)
+    parent = c.create_run(mt.ensure_experiment(uri, "sweeps", None), run_name="sweep").info.run_id
+    arts = (tmp_path / "elsewhere").as_uri()
+    cfg = validate_config({"mlflow": {"tracking_uri": uri, "experiment_name": "knobs", "artifact_location": arts,
+                                      "parent_run_id": parent}, "trainer": {"output_dir": str(tmp_path)}})
+    run_id, _ = mt.start_or_resume_run(cfg, "child")
+    run = c.get_run(run_id)
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.name == "knobs" and exp.artifact_location == arts
+    assert run.info.artifact_uri.startswith(arts)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    # without them: the default experiment, artifacts beside the sqlite file, a top-level run
+    plain = validate_config({"mlflow": {"tracking_uri": uri}, "trainer": {"output_dir": str(tmp_path)}})
+    other = c.get_run(mt.start_or_resume_run(plain, "alone")[0])
+    assert c.get_experiment(other.info.experiment_id).name == "rlora"
+    assert "mlflow.parentRunId" not in other.data.tags and not other.info.artifact_uri.startswith(arts)

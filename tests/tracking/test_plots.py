@@ -70,7 +70,8 @@ def test_plot_input_errors(tmp_path):
 
 
 @pytest.mark.parametrize("method,expected", [
-    ("rlora", {"head_similarity.png", "interference.png", "router_usage.png", "task_weights.png"}),
+    ("rlora", {"head_similarity.png", "head_similarity_learned.png", "interference.png", "router_usage.png",
+               "task_weights.png"}),
     ("mtl", {"head_similarity.png", "interference.png", "mtl_mixing.png", "task_weights.png"}),
 ])
 def test_save_diagnostic_plots_from_a_real_pass(tmp_path, method, expected):

@@ -35,14 +35,6 @@ def model_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg_for(model_dir, data_dir, tmp_path, **overrides):
     base = dict(trainer__max_steps=30, trainer__learning_rate=1e-2, trainer__logging_steps=10,
                 trainer__per_device_train_batch_size=4, mlflow__enabled=False, eval__max_examples_per_task=4)

@@ -13,7 +13,6 @@ The multi-process versions (2 Ray workers, ZeRO-0/2/3, resume) are in test_train
 import math
 
 import pytest
-import torch
 
 from helpers import run_config
 from rlora.train.local import train_local
@@ -34,14 +33,6 @@ def train(model_dir, data_dir, tmp_path, **kw):
 def max_diff(a, b):
     assert a.keys() == b.keys() and a
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("composition", ["mixed", "homogeneous"])

@@ -1,0 +1,124 @@
+"""The flat MLflow metrics of a diagnostics pass: names, grouping by module type, finite values only.
+
+Names (``<type>`` = wrapped module kind such as ``q_proj``, so the count does not grow with depth)::
+
+    diag/head_cos_B/{mean,max,<type>}          raw heads: mean pairwise cos(B_i, B_j)
+    diag/head_cos_BA/{mean,max,<type>}         raw head updates: cos(B_i A, B_j A)
+    diag/head_cos_learned/{mean,max,<type>}    learned updates: cos((B_i − B_i⁰) A, (B_j − B_j⁰) A)
+    diag/head_cos_effective/{mean,max,<type>}  effective per-head ΔW: cos(B_i A − B̄⁰A⁰, B_j A − B̄⁰A⁰)
+    diag/head_norm/{mean,<type>}               diag/eff_rank/{mean,min,<type>}
+    diag/router_entropy/{<task>,mean}          diag/router_usage/<task>/head<i>
+    diag/mtl_mix/<task>/head<i>                diag/lambda_dev/{<task>,mean}
+    diag/interference/<a>__<b> (a before b)    diag/interference/{mean,min}
+    diag/interference_task/<task>              diag/seconds
+
+(``head_cos_learned`` and ``head_cos_effective`` equal ``head_cos_BA`` for the zero-initialised
+methods; for R-LoRA they separate the learned part from the random init, see
+:mod:`rlora.tracking.head_geometry`.  Layers whose initial heads are unknown are left out of
+``head_cos_learned``.)
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+
+from .interference import interference_summary
+
+PREFIX = "diag"
+SIMILARITY_METRICS = (("B_cos", "head_cos_B"), ("BA_cos", "head_cos_BA"), ("learned_cos", "head_cos_learned"),
+                      ("effective_cos", "head_cos_effective"))
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. ]")
+
+
+def metric_segment(text: str, limit: int = 64) -> str:
+    """One MLflow-safe path segment: characters outside ``A-Za-z0-9_-. `` (and '/') become '_',
+    dot-only or empty segments become '_', at most ``limit`` characters."""
+    seg = _UNSAFE.sub("_", str(text)).strip()[:limit]
+    return "_" if not seg.strip(".") else seg
+
+
+def unique_segments(names: Sequence[str]) -> list[str]:
+    """:func:`metric_segment` of each name, made unique by a ``_<index>`` suffix where they collide."""
+    out, seen = [], set()
+    for i, n in enumerate(names):
+        seg = metric_segment(n)
+        if seg in seen:
+            seg = metric_segment(f"{seg}_{i}")
+        seen.add(seg)
+        out.append(seg)
+    return out
+
+
+def module_type(layer_name: str) -> str:
+    """The kind of module an adapter layer wraps: the last component of its name (``q_proj``)."""
+    return layer_name.rsplit(".", 1)[-1]
+
+
+def by_type(values: dict[str, float]) -> dict[str, float]:
+    """{module type: mean of the values of its layers}."""
+    groups: dict[str, list[float]] = {}
+    for name, v in values.items():
+        groups.setdefault(module_type(name), []).append(v)
+    return {t: float(np.mean(v)) for t, v in groups.items()}
+
+
+def flatten(d) -> dict[str, float]:
+    """{metric name: finite float} of a :class:`rlora.tracking.diagnostics.Diagnostics` (names above)."""
+    m: dict[str, float] = {}
+    tasks = unique_segments(d.task_names)
+    seg = dict(zip(d.task_names, tasks))
+
+    for key, metric in SIMILARITY_METRICS:
+        vals = {n: s[key] for n, s in d.similarity.items() if key in s}
+        if vals:
+            m[f"{PREFIX}/{metric}/mean"] = float(np.mean(list(vals.values())))
+            m[f"{PREFIX}/{metric}/max"] = float(np.max(list(vals.values())))
+            for t, v in by_type(vals).items():
+                m[f"{PREFIX}/{metric}/{metric_segment(t)}"] = v
+    if d.norms:
+        vals = {n: float(np.mean(v)) for n, v in d.norms.items()}
+        m[f"{PREFIX}/head_norm/mean"] = float(np.mean(list(vals.values())))
+        for t, v in by_type(vals).items():
+            m[f"{PREFIX}/head_norm/{metric_segment(t)}"] = v
+    if d.eff_rank:
+        vals = {n: float(np.mean(v)) for n, v in d.eff_rank.items()}
+        m[f"{PREFIX}/eff_rank/mean"] = float(np.mean(list(vals.values())))
+        m[f"{PREFIX}/eff_rank/min"] = float(min(np.min(v) for v in d.eff_rank.values()))
+        for t, v in by_type(vals).items():
+            m[f"{PREFIX}/eff_rank/{metric_segment(t)}"] = v
+    if d.router is not None:
+        for k, name in enumerate(d.router["tasks"]):
+            s = seg.get(name, metric_segment(name))
+            m[f"{PREFIX}/router_entropy/{s}"] = float(d.router["entropy"][k])
+            for i, u in enumerate(d.router["usage"][k]):
+                m[f"{PREFIX}/router_usage/{s}/head{i}"] = float(u)
+        m[f"{PREFIX}/router_entropy/mean"] = float(np.mean(d.router["entropy"]))
+    if d.mtl is not None:
+        rows = d.mtl["mixing"].shape[0]
+        labels = tasks if len(tasks) == rows else [f"task{k}" for k in range(rows)]
+        for k, s in enumerate(labels):
+            for i, u in enumerate(d.mtl["mixing"][k]):
+                m[f"{PREFIX}/mtl_mix/{s}/head{i}"] = float(u)
+            m[f"{PREFIX}/lambda_dev/{s}"] = float(d.mtl["lambda_dev"][k])
+        m[f"{PREFIX}/lambda_dev/mean"] = float(np.mean(d.mtl["lambda_dev"]))
+    if d.interference is not None:
+        c = d.interference
+        present = [t for t in range(c.shape[0]) if np.isfinite(c[t, t])]
+        pairs = [float(c[a, b]) for i, a in enumerate(present) for b in present[i + 1:]]
+        for i, a in enumerate(present):
+            for b in present[i + 1:]:
+                m[f"{PREFIX}/interference/{tasks[a]}__{tasks[b]}"] = float(c[a, b])
+        if pairs:
+            m[f"{PREFIX}/interference/mean"] = float(np.mean(pairs))
+            m[f"{PREFIX}/interference/min"] = float(np.min(pairs))
+            summary = interference_summary(c)
+            for t in present:
+                m[f"{PREFIX}/interference_task/{tasks[t]}"] = float(summary[t])
+    m[f"{PREFIX}/seconds"] = float(d.seconds)
+    return {k[:250]: v for k, v in m.items() if math.isfinite(v)}
+
+
+__all__ = ["PREFIX", "metric_segment", "unique_segments", "module_type", "by_type", "flatten"]
