@@ -8,10 +8,11 @@
 * :func:`run_peer` -- Hugging Face ``Trainer`` + PEFT LoRA on the *same rows in the same order* (the
   rows rlora's sampler draws, fed through a ``SequentialSampler``), the same hyper-parameters and
   threads; tokens counted as rlora counts them (non-padding tokens of the steps after the first).
-* :func:`run_ray_measured` -- the product's Ray Train driver (preflight, Ray, the same ``TorchTrainer``
-  settings) with workers that run the product's :class:`rlora.train.loop.Trainer` and then record
-  their own peak memory (``ru_maxrss``; ``torch.cuda.max_memory_allocated`` on GPU) and the bytes their
-  parameters, gradients and optimizer state hold.
+* :func:`run_ray_measured` -- the product's Ray Train driver steps (``preflight``, ``start_run``: Ray up,
+  resources, run folder) and the launcher's ``TorchTrainer`` settings, with workers that run the
+  product's :class:`rlora.train.loop.Trainer` and then record their own peak memory (``ru_maxrss``;
+  ``torch.cuda.max_memory_allocated`` on GPU) and the bytes their parameters, gradients and optimizer
+  state hold.
 * :func:`random_model` -- a random-initialised Hugging Face folder of Qwen2.5-0.5B / 1.5B shape (or a
   tiny one) with the embedded model's tokenizer; the vocabulary is set to the tokenizer's.
 
@@ -340,10 +341,10 @@ def run_ray_measured(cfg, out_dir: Path, full_lm_head: bool = False) -> list[dic
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rlora.train.launcher import start_run, storage_path
+    from rlora.train.launcher import preflight, start_run, storage_path
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg, run, _ = start_run(fresh_run_name(cfg), None, local=False)
+    cfg, run, _ = start_run(preflight(fresh_run_name(cfg)), None, local=False)
     out_dir = Path(out_dir)
     trainer = TorchTrainer(
         _measured_worker,
