@@ -8,7 +8,10 @@ SmolLM2-135M, one forward pass over a batch of 4 x 128 tokens (no KV cache, no g
 * adapter / base for each method (lora, hydra, rlora, mtl; r=8, N=3, all default target modules):
   the overhead of serving the unmerged adapter (info).
 
-    python benchmarks/merged_inference.py [--quick] [--json]
+Times are measured in interleaved rounds (base and the other model call by call in turn; the median of
+each round's calls; the ratio within each round); a figure is the median of the rounds ± half their range.
+
+    python benchmarks/merged_inference.py [--quick] [--json] [--rounds R] [--per-round K]
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, figure, interleaved_median, parser  # noqa: E402
+from _common import emit, figure, interleaved_rounds, meets, parser, positive_int, ratios, show  # noqa: E402
 
 import rlora  # noqa: E402
 from rlora.context import task_ids  # noqa: E402
@@ -46,8 +49,11 @@ def forward(model, ids, tids=None):
     return run
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=positive_int, help="interleaved rounds (default 3 with --quick, else 5)")
+    p.add_argument("--per-round", type=positive_int, help="forward calls per model per round (default 2, else 3)")
+    args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
     from rlora.export import export
@@ -56,9 +62,10 @@ def main() -> None:
     base = rlora.load_base_model()
     ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ))
     tids = torch.tensor([0, 1, 2, 0])
-    repeats = 5 if args.quick else 15
-    print(f"SmolLM2-135M forward over {BATCH}x{SEQ} tokens (median of {repeats}, torch threads="
-          f"{torch.get_num_threads()})")
+    rounds = args.rounds or (3 if args.quick else 5)
+    per_round = args.per_round or (2 if args.quick else 3)
+    print(f"SmolLM2-135M forward over {BATCH}x{SEQ} tokens ({rounds} rounds x {per_round} interleaved calls, torch "
+          f"threads={torch.get_num_threads()})")
 
     with tempfile.TemporaryDirectory() as tmp:
         lora = adapted("lora")
@@ -72,26 +79,32 @@ def main() -> None:
             diff = merged(input_ids=ids, use_cache=False).logits - want
         max_diff, rel_err = diff.abs().max().item(), (diff.norm() / want.norm()).item()
     del want, diff
-    t = interleaved_median({"base": forward(base, ids), "merged": forward(merged, ids)}, repeats, warmup=1)
-    merged_ratio = t["merged"] / t["base"]
-    print(f"  base           {t['base'] * 1e3:8.1f} ms")
-    print(f"  merged (lora)  {t['merged'] * 1e3:8.1f} ms   {merged_ratio:.3f}x   logits vs adapter: relative error "
-          f"{rel_err:.2e}, max |diff| {max_diff:.2e}")
+    t = interleaved_rounds({"base": forward(base, ids), "merged": forward(merged, ids)}, rounds, per_round, warmup=1)
+    merged_ratio = ratios(t["merged"], t["base"])
+    print(f"  base           {show([v * 1e3 for v in t['base']], '8.1f', ' ms')}")
+    print(f"  merged (lora)  {show([v * 1e3 for v in t['merged']], '8.1f', ' ms')}   {show(merged_ratio)}")
+    print(f"  merged logits vs adapter logits: relative error {rel_err:.2e}, max |diff| {max_diff:.2e}")
     figures = {"merged_over_base": figure(merged_ratio, "1.00±0.05"),
-               "merged_relative_logit_error": figure(rel_err, "<=1e-5", unit="rel"),
-               "merged_max_abs_logit_diff": figure(max_diff, "info", unit="abs")}
+               "merged_relative_logit_error": figure(rel_err, "<=1e-5", unit="rel", spread=0.0),
+               "merged_max_abs_logit_diff": figure(max_diff, "info", unit="abs", spread=0.0)}
     del merged
     gc.collect()
 
     for method in ("lora", "hydra", "rlora", "mtl"):
         model = adapted(method)
-        tm = interleaved_median({"base": forward(base, ids), method: forward(model, ids, tids)}, repeats, warmup=1)
-        ratio = tm[method] / tm["base"]
-        print(f"  adapter {method:6s} {tm[method] * 1e3:8.1f} ms   {ratio:.3f}x  (base {tm['base'] * 1e3:.1f} ms)")
+        tm = interleaved_rounds({"base": forward(base, ids), method: forward(model, ids, tids)}, rounds, per_round,
+                                warmup=1)
+        ratio = ratios(tm[method], tm["base"])
+        print(f"  adapter {method:6s} {show([v * 1e3 for v in tm[method]], '8.1f', ' ms')}   {show(ratio)}")
         figures[f"adapter_{method}_over_base"] = figure(ratio, "info")
         del model
         gc.collect()
+    lo, hi = figures["merged_over_base"]["value"] - 0.05, figures["merged_over_base"]["value"] + 0.05
+    print(f"  target merged_over_base 1.00±0.05: {'holds' if lo <= 1.0 <= hi else 'MISSED'}")
+    ok = meets(rel_err, "<=1e-5")
+    print(f"  target merged_relative_logit_error <=1e-5: {'holds' if ok else 'MISSED'}")
     emit("merged_inference", figures, args.json)
+    return figures
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ MTL-LoRA with dropout 0 (info): MTL-LoRA drops out the layer input x [tokens, 89
 drawing that mask is a visible share of the adapter's cost on CPU (``rlora.layers.dropout`` draws it
 about 2x cheaper than ``F.dropout``; PEFT uses ``nn.Dropout``).
 
-    python benchmarks/mixed_batch.py [--quick] [--json] [--threads N]
+Each round runs every contender call by call in turn and takes the median of its calls; ratios are formed
+within a round; a figure is the median of the rounds ± half their range.
+
+    python benchmarks/mixed_batch.py [--quick] [--json] [--threads N] [--rounds R] [--per-round K]
+                                     [--device cpu|cuda] [--dtype float32|bfloat16] [--seq L]
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, figure, interleaved_median, parser  # noqa: E402
+from _common import emit, figure, interleaved_rounds, meets, parser, positive_int, ratios, show  # noqa: E402
+from layer_overhead import DTYPES, check_device, device_args  # noqa: E402
 
 import rlora  # noqa: E402
 from rlora.context import task_ids  # noqa: E402
@@ -59,6 +64,7 @@ class Stack(nn.Module):
 
 
 def mtl_stack(base: Stack, dropout: float = 0.05) -> Stack:
+    """A copy of ``base`` with every W_i wrapped in MTL-LoRA (r = 8, n = 3, one Λ_t and w_t per task)."""
     cfg = rlora.AdapterConfig(method="mtl", r=R, num_heads=HEADS, alpha=2 * R, dropout=dropout,
                               tasks=[f"t{i}" for i in range(TASKS)])
     m = copy.deepcopy(base)
@@ -80,21 +86,27 @@ def peft_stack(base: Stack):
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
-    return m
+    w = next(base.parameters())
+    return m.to(w.device, w.dtype)
 
 
 def n_params(m: nn.Module, key: str) -> int:
     return sum(p.numel() for n, p in m.named_parameters() if key in n)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: stable on a shared "
+                                                                    "machine)")
+    ap.add_argument("--seq", type=positive_int, default=SEQ, help=f"tokens per sequence (default {SEQ})")
+    device_args(ap)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dev, dtype = check_device(args.device), DTYPES[args.dtype]
+    seq = args.seq
     torch.manual_seed(0)
 
-    base = Stack(D, BLOCKS)
+    base = Stack(D, BLOCKS).to(dev, dtype)
     with torch.no_grad():
         for b in base.blocks:
             b.proj.weight.mul_(0.5)          # keep the residual stream's scale moderate
@@ -103,9 +115,9 @@ def main() -> None:
     n_seq = TASKS * PER_TASK
     tids = torch.arange(TASKS).repeat_interleave(PER_TASK)[torch.randperm(n_seq)]
     names = [f"t{i}" for i in tids.tolist()]
-    x = torch.randn(n_seq, SEQ, D)
-    g = torch.randn(n_seq, SEQ, D)
-    groups = [(f"t{t}", (tids == t).nonzero().squeeze(1)) for t in range(TASKS)]
+    x = torch.randn(n_seq, seq, D, device=dev, dtype=dtype)
+    g = torch.randn(n_seq, seq, D, device=dev, dtype=dtype)
+    groups = [(f"t{t}", (tids == t).nonzero().squeeze(1).to(dev)) for t in range(TASKS)]
     x_sub = {t: x[i].clone().requires_grad_(True) for t, i in groups}
     g_sub = {t: g[i].clone() for t, i in groups}
     x_leaf = x.clone().requires_grad_(True)
@@ -131,6 +143,7 @@ def main() -> None:
             with task_ids(int(t[1:])):
                 diff = max(diff, (mtl(x[i]) - mixed[i]).abs().max().item())
     print(f"MTL-LoRA mixed batch vs per-task sub-batches: max |diff| = {diff:.2e}")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def clear(m):
         for p in m.parameters():
@@ -140,6 +153,7 @@ def main() -> None:
         y = base(x_leaf)
         y.backward(g)
         x_leaf.grad = None
+        sync()
 
     def train_mtl():
         with task_ids(tids):
@@ -147,6 +161,7 @@ def main() -> None:
         y.backward(g)
         x_leaf.grad = None
         clear(mtl)
+        sync()
 
     def train_mtl0():
         with task_ids(tids):
@@ -154,6 +169,7 @@ def main() -> None:
         y.backward(g)
         x_leaf.grad = None
         clear(mtl0)
+        sync()
 
     def train_peft():
         for t, _ in groups:
@@ -162,39 +178,46 @@ def main() -> None:
             y.backward(g_sub[t])
             x_sub[t].grad = None
         clear(peft)
+        sync()
 
     def infer_base():
         with torch.no_grad():
             base(x)
+        sync()
 
     def infer_mtl():
         with torch.no_grad(), task_ids(tids):
             mtl(x)
+        sync()
 
     def infer_peft():
         with torch.no_grad():
             peft(x, adapter_names=names)
+        sync()
 
     def infer_peft_split():
         with torch.no_grad():
             for t, i in groups:
                 peft.set_adapter(t)
                 peft(x[i])
+        sync()
 
-    repeats = 10 if args.quick else 40
+    rounds = args.rounds or (5 if args.quick else 10)
+    per_round = args.per_round or (2 if args.quick else 4)
     mtl.train()
     mtl0.train()
     peft.train()
-    tr = interleaved_median({"base": train_base, "rlora": train_mtl, "peft": train_peft, "rlora_p0": train_mtl0},
-                            repeats)
+    tr = interleaved_rounds({"base": train_base, "rlora": train_mtl, "peft": train_peft, "rlora_p0": train_mtl0},
+                            rounds, per_round)
     mtl.eval()
     peft.eval()
-    inf = interleaved_median({"base": infer_base, "rlora": infer_mtl, "peft": infer_peft,
-                              "peft_split": infer_peft_split}, repeats)
+    inf = interleaved_rounds({"base": infer_base, "rlora": infer_mtl, "peft": infer_peft,
+                              "peft_split": infer_peft_split}, rounds, per_round)
 
-    tokens = n_seq * SEQ
-    print(f"{BLOCKS} residual blocks x <- x + W x (W {D}x{D}), {n_seq} sequences x {SEQ} tokens = {tokens} tokens, "
-          f"{TASKS} tasks mixed; median of {repeats}, torch threads={torch.get_num_threads()}")
+    tokens = n_seq * seq
+    print(f"{BLOCKS} residual blocks x <- x + W x (W {D}x{D}), {n_seq} sequences x {seq} tokens = {tokens} tokens, "
+          f"{TASKS} tasks mixed, {args.dtype} on {dev.type}, torch threads={torch.get_num_threads()}; {rounds} rounds "
+          f"x {per_round} interleaved calls")
     print(f"trainable parameters: MTL-LoRA r={R} n={HEADS} {n_params(mtl, 'lora_') + n_params(mtl, 'task_'):,}; "
           f"PEFT {TASKS} x LoRA r={R} {n_params(peft, 'lora_'):,}")
     rows = [
@@ -208,22 +231,23 @@ def main() -> None:
         ("inference", "PEFT, 8 sub-batches + set_adapter", inf["peft_split"], inf["base"]),
     ]
     for mode, name, v, ref in rows:
-        print(f"  {mode:14s} {name:36s} {v * 1e3:8.2f} ms   {v / ref:.3f}x base")
+        print(f"  {mode:14s} {name:36s} {show([s * 1e3 for s in v], '8.3f', ' ms')}   {show(ratios(v, ref))} base")
     f = {
-        "train_rlora_vs_base": figure(tr["rlora"] / tr["base"], "<=1.2"),
-        "train_peft_vs_base": figure(tr["peft"] / tr["base"], "info"),
-        "train_rlora_vs_peft": figure(tr["rlora"] / tr["peft"], "<1"),
-        "train_rlora_dropout0_vs_base": figure(tr["rlora_p0"] / tr["base"], "info"),
-        "infer_rlora_vs_base": figure(inf["rlora"] / inf["base"], "info"),
-        "infer_peft_vs_base": figure(inf["peft"] / inf["base"], "info"),
-        "infer_rlora_vs_peft": figure(inf["rlora"] / inf["peft"], "<1"),
+        "train_rlora_vs_base": figure(ratios(tr["rlora"], tr["base"]), "<=1.2"),
+        "train_peft_vs_base": figure(ratios(tr["peft"], tr["base"]), "info"),
+        "train_rlora_vs_peft": figure(ratios(tr["rlora"], tr["peft"]), "<1"),
+        "train_rlora_dropout0_vs_base": figure(ratios(tr["rlora_p0"], tr["base"]), "info"),
+        "infer_rlora_vs_base": figure(ratios(inf["rlora"], inf["base"]), "info"),
+        "infer_peft_vs_base": figure(ratios(inf["peft"], inf["base"]), "info"),
+        "infer_rlora_vs_peft": figure(ratios(inf["rlora"], inf["peft"]), "<1"),
+        "mixed_vs_split_max_abs_diff": figure(diff, "info", "abs", spread=0.0),
     }
-    checks = [("train: rlora <= 1.2x base", f["train_rlora_vs_base"]["value"] <= 1.2),
-              ("train: rlora faster than PEFT", f["train_rlora_vs_peft"]["value"] < 1),
-              ("inference: rlora faster than PEFT adapter_names=", f["infer_rlora_vs_peft"]["value"] < 1)]
-    for name, ok in checks:
-        print(f"  target {name}: {'holds' if ok else 'MISSED'}")
+    for name, fig in f.items():
+        ok = meets(fig["value"], fig["target"])
+        if ok is not None:
+            print(f"  target {name} {fig['target']}: {'holds' if ok else 'MISSED'}")
     emit("mixed_batch", f, args.json)
+    return f
 
 
 if __name__ == "__main__":

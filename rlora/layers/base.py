@@ -71,8 +71,12 @@ class MultiHeadLoRALinear(nn.Module):
         out = self.base(x2d)                                   # W0 x, [T, d_out]
         # accumulate u B_catᵀ into the base output in place: it is a fresh tensor autograd does not
         # need (not a view), so there is no extra pass over the [T, d_out] activations either way.
-        # In-place ops are not autocast: both factors take the output's dtype (bf16 under autocast)
-        out.addmm_(self.rank_features(x2d).to(out.dtype), self.up_weight().t().to(out.dtype))
+        # In-place ops are not autocast: both factors take the output's dtype (bf16 under autocast).
+        # B_catᵀ is made contiguous ([N·r, d_out], a copy of N·r·d_out values): the backward then forms
+        # ∂B_catᵀ = uᵀ ∂h, reading ∂h [T, d_out] row by row, instead of (∂hᵀ u)ᵀ through a transposed
+        # ∂h, which on CPU costs up to twice as much.
+        up_t = self.up_weight().t().contiguous()
+        out.addmm_(self.rank_features(x2d).to(out.dtype), up_t.to(out.dtype))
         return out.view(*lead, self.d_out)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from .base import MultiHeadLoRALinear
+from .fused import routed_down_project
 
 
 class HydraLoRALinear(MultiHeadLoRALinear):
@@ -28,7 +29,8 @@ class HydraLoRALinear(MultiHeadLoRALinear):
         return torch.softmax(x.float() @ self.router.float().t(), dim=-1)
 
     def rank_features(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gates(x).to(x.dtype)                    # [T, N]
-        z = self.drop(x) @ self.lora_A.t()               # [T, r]
+        # z = A drop(x) [T, r] and the router's logits W_r x [T, N] (fp32) in one autograd node
+        z, logits = routed_down_project(x, self.lora_A, self.router, self.dropout_p, self.training)
+        g = torch.softmax(logits, dim=-1).to(x.dtype)    # [T, N], = gates(x)
         u = (g * self.scaling).unsqueeze(-1) * z.unsqueeze(-2)   # [T, N, r]
         return u.reshape(x.shape[0], -1)

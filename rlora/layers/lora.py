@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .base import MultiHeadLoRALinear
+from .fused import down_project
 
 
 class LoRALinear(MultiHeadLoRALinear):
@@ -17,7 +18,7 @@ class LoRALinear(MultiHeadLoRALinear):
     method = "lora"
 
     def rank_features(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.drop(x) @ self.lora_A.t()) * self.scaling
+        return down_project(x, self.lora_A, self.dropout_p, self.training, self.scaling)
 
     def delta_weight(self, task: Optional[int] = None) -> torch.Tensor:
         return self.scaling * self.lora_B[:, 0] @ self.lora_A

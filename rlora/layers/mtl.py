@@ -10,6 +10,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..context import current_task_ids
 from .base import AdapterError, MultiHeadLoRALinear
+from .fused import down_project
 
 
 class MTLLoRALinear(MultiHeadLoRALinear):
@@ -70,7 +71,7 @@ class MTLLoRALinear(MultiHeadLoRALinear):
     def rank_features(self, x: torch.Tensor) -> torch.Tensor:
         b = self._batch
         ids = self._ids(b)
-        z = (self.drop(x) @ self.lora_A.t()).reshape(b, -1, self.r)             # [b, L, r]
+        z = down_project(x, self.lora_A, self.dropout_p, self.training).reshape(b, -1, self.r)  # [b, L, r]
         if self.diagonal:
             z = z * self.task_lambda[ids].unsqueeze(1)
         else:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
+from .fused import autocast_dtype
 from .hydra import HydraLoRALinear
 
 
@@ -22,7 +23,8 @@ class RLoRALinear(HydraLoRALinear):
     * ``initial_B`` [d_out, N, r]: a plain copy of the initial heads B_i⁰ (not a buffer: neither saved
       nor exported), so that diagnostics can tell the learned change B_i − B_i⁰ from the random init.
 
-    Shapes: x [T, d_in]; [z | z⁰] = x [A | A⁰]ᵀ [T, 2r] (one matmul); u = [s·g_i·drop_i(z) | −s·z⁰]
+    Shapes: x [T, d_in]; [z | z⁰ | l] = x [A | A⁰ | W_r]ᵀ [T, 2r + N] (one matmul in fp32; under
+    autocast the router's logits l come from ``gates``), g = softmax(l); u = [s·g_i·drop_i(z) | −s·z⁰]
     [T, (N+1)·r]; h = W0 x + u [B_cat | B̄⁰]ᵀ.
     """
 
@@ -43,12 +45,16 @@ class RLoRALinear(HydraLoRALinear):
 
     def rank_features(self, x: torch.Tensor) -> torch.Tensor:
         T, N, r = x.shape[0], self.num_heads, self.r
-        g = self.gates(x).to(x.dtype)                                          # [T, N]
-        if self.use_offset:
-            zz = x @ torch.cat([self.lora_A, self.offset_A]).t()               # [T, 2r]
-            z, z0 = zz[:, :r], zz[:, r:]
+        down = [self.lora_A, self.offset_A] if self.use_offset else [self.lora_A]
+        if x.dtype == self.router.dtype == torch.float32 and autocast_dtype(x.device.type) is None:
+            # fp32: the router shares the one down-projection matmul (one pass over x, one ∂x matmul)
+            zz = x @ torch.cat(down + [self.router]).t()                       # [T, 2r + N]
+            g = torch.softmax(zz[:, len(down) * r:], dim=-1)                   # [T, N], = gates(x)
         else:
-            z = x @ self.lora_A.t()
+            zz = x @ torch.cat(down).t()                                        # [T, 2r]
+            g = self.gates(x).to(x.dtype)                                      # [T, N]
+        z = zz[:, :r]
+        z0 = zz[:, r:2 * r] if self.use_offset else None
         z_heads = z.unsqueeze(1).expand(T, N, r)
         if self.training and self.dropout_p > 0:
             z_heads = F.dropout(z_heads, self.dropout_p, True)                # independent mask per head

@@ -1,0 +1,142 @@
+"""The speed and memory benchmarks' mechanics on tiny random models: the rounds/spread helpers, the
+equal-work training sides, the memory accounting and the GPU check's --dry-run on CPU
+(benchmarks/quality.py: tests/test_quality_benchmark.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_figure_is_median_and_half_range_of_rounds():
+    from _common import figure, ratios
+
+    f = figure(ratios([1.2, 1.0, 1.5], [1.0, 1.0, 1.0]), "<=1.2")
+    assert f == {"value": 1.2, "spread": 0.25, "target": "<=1.2", "unit": "x", "rounds": 3}
+    # one number: spread unknown unless given (0 for an exact figure)
+    assert figure(3e-7, "info", "rel")["spread"] is None and figure(3e-7, "info", "rel")["value"] == 3e-7
+    assert figure(0.5, "info", spread=0.0)["spread"] == 0.0
+    with pytest.raises(ValueError, match="same rounds"):
+        ratios([1.0], [1.0, 2.0])
+
+
+def test_meets_reads_the_target_strings():
+    from _common import meets
+
+    assert meets(1.2, "<=1.2") and not meets(1.21, "<=1.2")
+    assert meets(0.9, ">=0.9") and not meets(1.0, "<1") and meets(1.0, "==1")
+    assert meets(5.0, "info") is None
+
+
+def test_interleaved_rounds_alternate_the_contenders():
+    from _common import interleaved_rounds
+
+    calls = []
+    out = interleaved_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3,
+                             per_round=2, warmup=1)
+    assert calls == ["a", "b"] * (1 + 3 * 2)  # warm-up, then a b a b ... never a a
+    assert set(out) == {"a", "b"} and all(len(v) == 3 and min(v) >= 0 for v in out.values())
+
+
+@pytest.mark.slow
+def test_equal_work_sides_train_on_the_same_rows(tiny_model_dir, tmp_path):
+    """rlora (full LM head) and HF Trainer + PEFT see the same rows in the same order; the full head asks the
+    model for the logits of every position; the patch is undone afterwards."""
+    import rlora.train.batches as batches
+    from _e2e import observed_batches, run_config, run_peer, run_rlora
+
+    cfg = run_config(3, str(tmp_path), stage=0, model=str(tiny_model_dir), batch=2, max_length=48, rows_per_task=10)
+    original = batches.left_padded_batch
+    full = run_rlora(cfg, full_lm_head=True)
+    assert batches.left_padded_batch is original
+    peer = run_peer(cfg)
+    assert len(full["rows"]) == 3 and full["rows"] == peer["rows"]
+    assert full["tokens_per_s"] > 0 and peer["tokens_per_s"] > 0
+    assert full["trainable"] == peer["trainable"]  # the same LoRA: r, targets, A and B
+    feats = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [5, 9], "labels": [-100, 9]}]
+    with observed_batches(False) as seen:
+        shipped = batches.left_padded_batch(feats, 0, [0, 0])
+    with observed_batches(True):
+        every = batches.left_padded_batch(feats, 0, [0, 0])
+    assert seen == [[(5, 6, 7, 8), (5, 9)]] and shipped["keep"] == 3 and every["keep"] == 4
+
+
+@pytest.mark.slow
+def test_held_bytes_counts_parameters_and_adam_state(tiny_model_dir, tmp_path):
+    from _e2e import held_bytes, run_config
+
+    from rlora.train.loop import Trainer
+    from rlora.train.runtime import LocalRuntime
+
+    cfg = run_config(1, str(tmp_path), stage=0, model=str(tiny_model_dir), batch=2, max_length=32, rows_per_task=4)
+    trainer = Trainer(cfg, LocalRuntime(None), {"run_name": "t", "started_at": 0.0}, progress=False)
+    trainer.fit()
+    held = held_bytes(trainer.engine)
+    params = list(trainer.engine.module.parameters())
+    assert held["params"] == sum(p.numel() * p.element_size() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    assert held["optimizer"] >= 2 * 4 * trainable  # AdamW's two fp32 moments at least
+
+
+def test_random_model_has_the_shape_and_the_tokenizer_vocab(tmp_path):
+    from transformers import AutoConfig
+
+    from _e2e import QWEN_SHAPES, random_model
+    from rlora.models import load_tokenizer
+
+    folder, n = random_model(tmp_path / "m", "tiny")
+    c = AutoConfig.from_pretrained(folder)
+    assert c.model_type == "qwen2" and c.vocab_size == len(load_tokenizer("smollm2-135m"))
+    assert all(getattr(c, k) == v for k, v in QWEN_SHAPES["tiny"].items())
+    d, L, f = c.hidden_size, c.num_hidden_layers, c.intermediate_size
+    kv = c.num_key_value_heads * d // c.num_attention_heads
+    per_layer = 2 * d * d + 2 * d * kv + 2 * kv + d + 3 * d * f + 2 * d  # q/o, k/v (+ q/k/v biases), MLP, norms
+    assert n == c.vocab_size * d + L * per_layer + d  # tied embeddings, final norm
+    assert random_model(folder, "tiny") == (folder, n)  # reused, not rewritten
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_equal_work_and_reports_spread(tiny_model_dir, capsys):
+    import train_throughput
+
+    figs = train_throughput.main(["--steps", "2", "--rounds", "2", "--no-ray", "--json", "--model",
+                                  str(tiny_model_dir)])
+    assert figs["same_rows_same_order"]["value"] == 1.0
+    for name in ("rlora_vs_hf_peft_equal_work", "answer_only_lm_head_gain"):
+        assert figs[name]["rounds"] == 2 and figs[name]["value"] > 0 and figs[name]["spread"] >= 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["benchmark"] == "train_throughput" and last["figures"] == figs
+
+
+@pytest.mark.slow
+def test_memory_process_part_reports_peak_rss(tiny_model_dir):
+    import memory
+
+    figs = memory.main(["--no-zero", "--rounds", "1", "--steps", "2", "--model", str(tiny_model_dir)])
+    assert 0.2 < figs["hf_peft_peak_rss_gib"]["value"] < 8 and figs["rlora_vs_hf_peft_peak_rss"]["value"] > 0
+    assert figs["rlora_vs_hf_peft_peak_rss"]["target"] == "<=1.0"
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_one_json_line_per_figure():
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    assert not [x for x in lines if "error" in x]
+    assert {x["check"] for x in lines} == {"layer_overhead", "mixed_batch", "e2e"}
+    assert all({"figure", "value", "spread", "target", "unit"} <= set(x) for x in lines)
+    e2e = {x["figure"]: x for x in lines if x["check"] == "e2e"}
+    for model in ("embedded", "qwen1.5b"):
+        for fig in ("rlora_vs_hf_peft", "rlora_tokens_per_s", "hf_peft_tokens_per_s", "rlora_mfu",
+                    "rlora_peak_mem_gib", "hf_peft_peak_mem_gib"):
+            assert e2e[f"{model}_{fig}"]["value"] > 0
+        assert e2e[f"{model}_rlora_vs_hf_peft"]["backend"] == "gloo"
+    layer = {x["figure"] for x in lines if x["check"] == "layer_overhead"}
+    assert {"lora_vs_base", "hydra_vs_base", "rlora_vs_base", "mtl_vs_base"} <= layer
