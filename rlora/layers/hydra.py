@@ -26,11 +26,16 @@ class HydraLoRALinear(MultiHeadLoRALinear):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """g [T, N]: the router's softmax, computed in fp32."""
-        return torch.softmax(x.float() @ self.router.float().t(), dim=-1)
+        return self.route(x.float() @ self.router.float().t())
+
+    def route(self, logits: torch.Tensor) -> torch.Tensor:
+        """g = softmax(W_r x) [T, N] from the router's logits; every forward path goes through here
+        (diagnostics record the gates by wrapping it)."""
+        return torch.softmax(logits, dim=-1)
 
     def rank_features(self, x: torch.Tensor) -> torch.Tensor:
         # z = A drop(x) [T, r] and the router's logits W_r x [T, N] (fp32) in one autograd node
         z, logits = routed_down_project(x, self.lora_A, self.router, self.dropout_p, self.training)
-        g = torch.softmax(logits, dim=-1).to(x.dtype)    # [T, N], = gates(x)
+        g = self.route(logits).to(x.dtype)               # [T, N], = gates(x)
         u = (g * self.scaling).unsqueeze(-1) * z.unsqueeze(-2)   # [T, N, r]
         return u.reshape(x.shape[0], -1)

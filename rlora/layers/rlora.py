@@ -49,7 +49,7 @@ class RLoRALinear(HydraLoRALinear):
         if x.dtype == self.router.dtype == torch.float32 and autocast_dtype(x.device.type) is None:
             # fp32: the router shares the one down-projection matmul (one pass over x, one ∂x matmul)
             zz = x @ torch.cat(down + [self.router]).t()                       # [T, 2r + N]
-            g = torch.softmax(zz[:, len(down) * r:], dim=-1)                   # [T, N], = gates(x)
+            g = self.route(zz[:, len(down) * r:])                              # [T, N], = gates(x)
         else:
             zz = x @ torch.cat(down).t()                                        # [T, 2r]
             g = self.gates(x).to(x.dtype)                                      # [T, N]

@@ -1,6 +1,6 @@
 """Router statistics of HydraLoRA / R-LoRA: which heads each task's tokens are sent to.
 
-:class:`GateRecorder` wraps ``layer.gates`` of every routed layer for the duration of a ``with``
+:class:`GateRecorder` wraps ``layer.route`` (softmax of the router logits) of every routed layer for the duration of a ``with``
 block (the layer's own attribute is restored afterwards, also on error) and accumulates, over the
 non-pad tokens of the current probe batch, the mean gate per head and the mean normalised entropy
 H(g) / log N of the gates g = softmax(W_r x) -- on the device, without synchronising.
@@ -21,7 +21,7 @@ from .probes import eval_mode, model_device, prepare_batch, task_of
 
 
 class GateRecorder:
-    """Wraps ``layer.gates`` of every routed layer; sums gates and normalised entropies over the
+    """Wraps ``layer.route`` of every routed layer; sums gates and normalised entropies over the
     non-pad tokens of the current probe batch (on the device, no synchronisation)."""
 
     def __init__(self, model: nn.Module):
@@ -34,8 +34,8 @@ class GateRecorder:
         self._saved = []
         try:
             for name, layer in self.layers:
-                self._saved.append((layer, layer.__dict__.get("gates")))
-                layer.gates = self._wrap(name, layer.gates)
+                self._saved.append((layer, layer.__dict__.get("route")))
+                layer.route = self._wrap(name, layer.route)
         except BaseException:
             self._restore()
             raise
@@ -47,14 +47,14 @@ class GateRecorder:
     def _restore(self) -> None:
         for layer, own in self._saved:
             if own is None:
-                layer.__dict__.pop("gates", None)
+                layer.__dict__.pop("route", None)
             else:
-                layer.__dict__["gates"] = own
+                layer.__dict__["route"] = own
         self._saved = []
 
     def _wrap(self, name: str, gates):
-        def recorded(x: torch.Tensor) -> torch.Tensor:
-            g = gates(x)
+        def recorded(logits: torch.Tensor) -> torch.Tensor:
+            g = gates(logits)
             self._record(name, g.detach())
             return g
         return recorded

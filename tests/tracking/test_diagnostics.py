@@ -236,7 +236,7 @@ def test_router_usage_matches_naive_and_restores_the_model():
     probe = probe_for()
     res = D.router_usage(model, probe)
     assert [m.training for m in model.modules()] == modes
-    assert all("gates" not in l.__dict__ for _, l in rlora.adapter_layers(model))
+    assert all("route" not in l.__dict__ for _, l in rlora.adapter_layers(model))
     assert np.allclose(res["usage"].sum(axis=1), 1.0, atol=1e-9)
     assert ((res["entropy"] >= 0) & (res["entropy"] <= 1)).all() and res["entropy"].max() < 0.99
     usage, entropy = naive_router(model, probe)
@@ -249,7 +249,7 @@ def test_router_usage_restores_gates_on_error():
     probe["beta"] = {k: v for k, v in probe["beta"].items() if k != "input_ids"}
     with pytest.raises(D.DiagnosticsError, match=r"probe\['beta'\] lacks \['input_ids'\]"):
         D.router_usage(model, probe)
-    assert all("gates" not in l.__dict__ for _, l in rlora.adapter_layers(model))
+    assert all("route" not in l.__dict__ for _, l in rlora.adapter_layers(model))
     assert D.router_usage(adapter_model("mtl"), probe_for()) is None
 
 
