@@ -19,6 +19,12 @@ from typing import Iterator, Optional, TextIO
 
 _console: Optional[TextIO] = None  # the terminal while fds 1/2 point at the log file
 _log: Optional[TextIO] = None
+_log_path: Optional[Path] = None  # the file this process's output goes to, while a run_log is open
+
+
+def active_log() -> Optional[Path]:
+    """The log file capturing this process's output now (an enclosing :func:`run_log`), or None."""
+    return _log_path
 
 
 def say(line: str) -> None:
@@ -33,8 +39,9 @@ def say(line: str) -> None:
 
 @contextlib.contextmanager
 def run_log(path: Path, verbose: bool = False) -> Iterator[Path]:
-    """Send this process's stdout and stderr (Python and C level) to ``path`` for the block."""
-    global _console, _log
+    """Send this process's stdout and stderr (Python and C level) to ``path`` for the block. Inside
+    another ``run_log`` it changes nothing: the enclosing log keeps capturing (see :func:`active_log`)."""
+    global _console, _log, _log_path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if verbose or _console is not None:
@@ -46,6 +53,7 @@ def run_log(path: Path, verbose: bool = False) -> Iterator[Path]:
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _console = os.fdopen(os.dup(saved[0]), "w", buffering=1)
     _log = os.fdopen(os.dup(log_fd), "a", buffering=1)
+    _log_path = path
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -60,7 +68,7 @@ def run_log(path: Path, verbose: bool = False) -> Iterator[Path]:
             os.close(fd)
         _console.close()
         _log.close()
-        _console = _log = None
+        _console = _log = _log_path = None
 
 
 def redirect_process_output(path: Path) -> None:

@@ -88,3 +88,9 @@ def worker_pids(root: int | None = None) -> list[int]:
         except psutil.Error:
             pass
     return pids
+
+
+# console lines a user cannot act on: they belong in the run's log file, never on the console
+NOISE = [r"Setting accelerator to CPU", r"FutureWarning", r"DeprecationWarning", r"Checkpoint successfully created",
+         r"Reporting training result", r"PreemptionWatcher", r"fontManager", r"core_worker", r"\(RayTrainWorker",
+         r"\(TrainController", r"Traceback", r"-laio", r"\bWARNING\b", r"UserWarning"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import NOISE
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-NOISE = [r"Setting accelerator to CPU", r"FutureWarning", r"DeprecationWarning", r"Checkpoint successfully created",
-         r"Reporting training result", r"PreemptionWatcher", r"fontManager", r"core_worker", r"\(RayTrainWorker",
-         r"\(TrainController", r"Traceback", r"-laio", r"\bWARNING\b", r"UserWarning"]
+
 
 
 def test_console_shows_each_line_once_and_no_noise(tmp_path):

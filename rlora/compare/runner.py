@@ -10,6 +10,8 @@ re-run skips finished cells and resumes an interrupted one from its newest check
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ConfigError, RunConfig
+from ..console import say
 from .cells import CompareError
 from .grid import Cell, plan
 
@@ -108,14 +111,26 @@ class Comparison:
             if c not in todo:
                 print(f"[rlora] compare: {c.label} finished earlier: skipped", flush=True)
         if todo:
-            if not self.local:
-                from ..train.launcher import _ray_init
-
-                _ray_init(cfg)
-            with ThreadPoolExecutor(max_workers=concurrency(cfg, self.local)) as pool:
-                list(pool.map(self._run_cell, todo))
+            self._run_cells(cfg, todo)
         records = [json.loads((self.out / "cells" / f"{c.key}.json").read_text()) for c in cells]
         return self._report(records)
+
+    def _run_cells(self, cfg: RunConfig, todo: list[Cell]) -> None:
+        """Ray's start-up lines go to ``logs/compare.log``. One cell at a time logs to its own
+        ``runs/<cell>/logs/run.log``; cells at once share this process's stdout/stderr, so their library
+        output goes to ``logs/compare.log`` too."""
+        from .. import console
+
+        log = self.out / "logs" / "compare.log"
+        if not self.local:
+            from ..train.launcher import _ray_init
+
+            with console.run_log(log, self.verbose):
+                _ray_init(cfg, self.verbose)  # worker output reaches this process only with --verbose
+        at_once = min(len(todo), concurrency(cfg, self.local))
+        shared = console.run_log(log, self.verbose) if at_once > 1 else contextlib.nullcontext()
+        with shared, ThreadPoolExecutor(max_workers=at_once) as pool:
+            list(pool.map(self._run_cell, todo))
 
     def _print_plan(self, cells: list[Cell]) -> None:
         print(f"[rlora] compare {self.name}: {len(cells)} cells ({', '.join(self.methods)} x "
@@ -157,14 +172,13 @@ class Comparison:
         cfg.mlflow.tracking_uri = self.uri  # the parent's store, whatever the cell's output folder
         if not self.parent_run_id:
             cfg.mlflow.enabled = False
-        print(f"[rlora] compare: training {cell.label} ({cfg.trainer.run_name})", flush=True)
+        say(f"[rlora] compare: training {cell.label} ({cfg.trainer.run_name})")
         t0 = time.time()
         res = run_training(cfg, local=self.local, verbose=self.verbose)
         record = cell_record(cell, res.summary, time.time() - t0, res.mlflow_run_id)
         _write_json(self.out / "cells" / f"{cell.key}.json", record)
         mean = sum(record["accuracy"].values()) / len(record["accuracy"])
-        print(f"[rlora] compare: {cell.label} done: mean dev accuracy {100 * mean:.1f} ({record['wall_s']:.0f}s)",
-              flush=True)
+        say(f"[rlora] compare: {cell.label} done: mean dev accuracy {100 * mean:.1f} ({record['wall_s']:.0f}s)")
 
     def _report(self, records: list[dict]) -> dict:
         from . import forest_plot, markdown_table, summarize, to_json

@@ -189,7 +189,7 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool 
     fresh = not folder.exists()
     log = folder / "logs" / "run.log"
     if not verbose:
-        say(f"[rlora] log: {log} (rlora train --verbose shows it all here)")
+        say(f"[rlora] log: {console.active_log() or log} (rlora train --verbose shows it all here)")
     with console.run_log(log, verbose):
         try:
             cfg, run, uri = start_run(cfg, config_yaml, local, verbose)

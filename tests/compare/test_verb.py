@@ -1,6 +1,7 @@
 """`rlora compare` end to end on a tiny model: cells through the real training loop (in this process and
 on Ray Train), resume after the process is killed, pairing, the MLflow parent run with a child per cell."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_config
+from helpers import NOISE, run_config
 
 pytestmark = pytest.mark.slow
 RLORA = [sys.executable, "-m", "rlora.cli"]
@@ -91,3 +92,21 @@ def test_ray_cells_are_paired_and_logged_as_mlflow_children(local_ray, tiny_mode
     assert label["label"] == "mtl vs lora (proportional)" and label["n_seeds"] == 2
     key = "diff/mtl-proportional_vs_lora-proportional/mean"
     assert parent.data.metrics[key] == pytest.approx(label["mean"]["diff"])
+
+
+def test_ray_compare_console_shows_only_rlora_lines(tiny_model_dir, task_dir, tmp_path):
+    """Without --verbose, `rlora compare` on its own Ray cluster shows rlora's lines only: worker and
+    library output stays in the cells' log files (Ray used to forward it to the console)."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, task_dir, tmp_path, mlflow__enabled="false")
+    out = tmp_path / "cmp"
+    proc = compare(cfg, out, "--methods", "lora,hydra", "--seeds", "1", "--n-boot", "100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    noisy = [ln for ln in lines if any(re.search(p, ln) for p in NOISE) or "pid=" in ln]
+    assert not noisy, noisy
+    assert [ln for ln in lines if "compare: training" in ln] == [
+        f"[rlora] compare: training {m}/proportional/seed 7 ({r['run_name']})" for m, r in
+        zip(["lora", "hydra"], sorted(records(out), key=lambda r: r["method"] != "lora"))]
+    worker_logs = list((out / "runs").glob("*/logs/worker-0.log"))
+    assert len(worker_logs) == 2 and all(p.stat().st_size > 0 for p in worker_logs)
+    assert (out / "logs" / "compare.log").is_file()  # Ray's start-up lines
