@@ -161,6 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv or os.environ.get("RLORA_DEBUG") == "1"
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    extra = [x for x in extra if x != "--debug"]  # `--debug` works after the sub-command too
     # dotted overrides may come after options (`rlora train CFG --local k=v`): argparse leaves them over
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
         args.overrides = list(args.overrides or []) + extra

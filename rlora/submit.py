@@ -135,7 +135,8 @@ def _register(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--wait", dest="wait", action="store_true", help="stream logs; exit with the job's status")
     g.add_argument("--no-wait", dest="wait", action="store_false", help="return after submitting (default)")
-    p.add_argument("--pip", nargs="*", help="pip requirements for the job's runtime environment")
+    p.add_argument("--pip", action="append", metavar="REQUIREMENT",
+                   help="a pip requirement for the job's runtime environment (repeat the flag for more)")
     p.add_argument("--entrypoint-num-cpus", type=float, default=0.0)
     p.set_defaults(wait=False, fn=lambda a: submit(a.config, a.overrides, a.address, a.wait, a.pip,
                                                    a.entrypoint_num_cpus))

@@ -167,6 +167,14 @@ def test_mlflow_unreachable_fails_before_workers(capsys, tmp_path, tiny_model_di
     assert not (tmp_path / "out").exists()
 
 
-def test_debug_flag_shows_traceback(tmp_path):
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_shows_traceback(tmp_path, where):
+    """`--debug` before or after the sub-command: the exception propagates instead of a one-line error."""
+    args = ["train", str(tmp_path / "missing.yaml")]
     with pytest.raises(Exception, match="does not exist"):
-        main(["--debug", "train", str(tmp_path / "missing.yaml")])
+        main(["--debug", *args] if where == "before" else [*args, "--debug"])
+
+
+def test_without_debug_the_same_error_is_one_line(tmp_path, capsys):
+    code, err = run_cli(capsys, ["train", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "does not exist" in err and "\n" not in err and "Traceback" not in err

@@ -88,3 +88,13 @@ def test_submit_refuses_bad_config_before_submitting(ray_head, tmp_path):
     assert proc.stderr.strip() == f"error: {bad}: trainer.max_stepz: unknown key (check the spelling; see " \
                                   "examples/configs/cpu_demo.yaml)"
     assert "Traceback" not in proc.stderr
+
+
+def test_pip_takes_one_requirement_per_flag_and_leaves_overrides_alone():
+    """`--pip` used to take every word after it, so an override written after it went to pip."""
+    from rlora.cli import _load_extra_commands, build_parser
+
+    _load_extra_commands()
+    args, extra = build_parser().parse_known_args(["submit", "c.yaml", "--pip", "emoji==2.14.1", "--pip", "rich",
+                                                   "trainer.max_steps=20"])
+    assert args.pip == ["emoji==2.14.1", "rich"] and extra == ["trainer.max_steps=20"]
