@@ -7,8 +7,9 @@ diagonal). Over all adapted modules:
 
 * ``ab``: LoRA's rank matches the shared A + B: ``R = round(r sum(d_in + N d_out) / sum(d_in + d_out))``
   (= (N + 1) r / 2 for square modules); routers and task terms come on top.
-* ``total``: LoRA's rank matches *all* trainable parameters of the largest multi-head method in the
-  grid, so LoRA never trains fewer parameters than a method it is compared with.
+* ``total``: LoRA's rank is the smallest whose parameters reach *all* trainable parameters of the largest
+  multi-head method in the grid (rounded up), so LoRA never trains fewer parameters than a method it is
+  compared with.
 
 The counts come from the real injection on a meta-device copy of the base model (no memory).
 """
@@ -56,4 +57,6 @@ def lora_rank(cfg: RunConfig, methods: list[str], budget: Budget) -> int:
         c = cfg.model_copy(deep=True)
         c.adapter.method = m
         target = max(target, parameter_counts(c)[budget])
+    if budget == "total":  # never fewer trainable parameters than the largest method
+        return max(1, -(-target // per_rank))
     return max(1, round(target / per_rank))
