@@ -56,7 +56,7 @@ def test_prepare_model_command_prints_the_cache_folder_without_warnings(smol):
     assert "warning" not in proc.stderr.lower()
 
 
-def test_prepare_model_converting_afresh_prints_no_warning(smol, tmp_path):
+def test_prepare_model_converting_afresh_prints_no_warning_and_force_rebuilds(smol, tmp_path):
     """The first `make setup` converts the GGUF wheel: progress bars on stderr, but no library warning line
     (DeepSpeed's accelerator probe, imported by transformers, used to print one)."""
     import subprocess
@@ -71,6 +71,16 @@ def test_prepare_model_converting_afresh_prints_no_warning(smol, tmp_path):
     assert proc.stdout.strip() == str(tmp_path / "cache" / models.DEFAULT_MODEL)
     assert models.is_prepared(tmp_path / "cache" / models.DEFAULT_MODEL)
     assert "warning" not in proc.stderr.lower(), proc.stderr
+    # --force rebuilds the cached folder (a file left in it is gone); without it the cache is reused
+    marker = tmp_path / "cache" / models.DEFAULT_MODEL / "marker"
+    marker.write_text("x")
+    again = subprocess.run([sys.executable, "-m", "rlora.cli", "prepare-model"], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert again.returncode == 0 and marker.exists()
+    forced = subprocess.run([sys.executable, "-m", "rlora.cli", "prepare-model", "--force"], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert forced.returncode == 0 and not marker.exists()
+    assert models.is_prepared(tmp_path / "cache" / models.DEFAULT_MODEL)
 
 
 def test_missing_path_is_a_one_line_error():

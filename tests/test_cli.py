@@ -1,0 +1,50 @@
+"""`rlora evaluate`'s flags, each with its effect (tiny model, in this process): the split and the number of
+rows scored, and the scoring options reaching the scorer (equal to calling it directly with them)."""
+import json
+
+import pytest
+
+from helpers import write_tasks
+from rlora.cli import main
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_tasks(tmp_path / "data", n_train=6, n_dev=3)
+
+
+def evaluate(tiny_model_dir, data, tmp_path, *flags) -> dict:
+    out = tmp_path / f"m{len(list(tmp_path.glob('m*.json')))}.json"
+    assert main(["evaluate", "--data", str(data), "--base-model", str(tiny_model_dir), "--out", str(out), *flags]) == 0
+    return json.loads(out.read_text())
+
+
+def test_split_and_max_examples_choose_the_rows(tiny_model_dir, data, tmp_path, capsys):
+    assert {t: r["n"] for t, r in evaluate(tiny_model_dir, data, tmp_path).items()} == \
+        {"parity": 3, "sign": 3, "size": 3}
+    assert {r["n"] for r in evaluate(tiny_model_dir, data, tmp_path, "--split", "train").values()} == {6}
+    two = evaluate(tiny_model_dir, data, tmp_path, "--split", "train", "--max-examples", "2")
+    first = [json.loads(line)["id"] for line in (data / "parity" / "train.jsonl").read_text().splitlines()[:2]]
+    assert {r["n"] for r in two.values()} == {2} and two["parity"]["row_ids"] == first
+
+
+@pytest.mark.parametrize("flags,kwargs", [
+    (("--length-normalized",), {"length_normalized": True}),
+    (("--max-length", "12"), {"max_length": 12}),
+    (("--batch-size", "1"), {"batch_size": 1}),
+])
+def test_scoring_flags_reach_the_scorer(tiny_model_dir, data, tmp_path, capsys, flags, kwargs):
+    from rlora.config import DataConfig
+    from rlora.data import evaluate_tasks, load_tasks
+    from rlora.models import load_base_model, load_tokenizer
+
+    cli = evaluate(tiny_model_dir, data, tmp_path, *flags)
+    dev = load_tasks(DataConfig(path=str(data), max_length=kwargs.get("max_length", 256)), "dev")
+    model, tok = load_base_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    direct = evaluate_tasks(model, tok, dev, [], **{"max_length": 256, "progress": False, **kwargs})
+    default = evaluate_tasks(model, tok, dev, [], max_length=256, progress=False)
+    for t in direct:
+        assert cli[t]["row_correct"] == direct[t]["row_correct"]
+        assert cli[t]["loss"] == pytest.approx(direct[t]["loss"], abs=1e-5)
+    if "max_length" in kwargs:  # prompts cut to 12 tokens: the answer is scored on another context
+        assert any(abs(cli[t]["loss"] - default[t]["loss"]) > 1e-3 for t in cli)
