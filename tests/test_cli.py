@@ -1,5 +1,6 @@
 """`rlora evaluate`'s flags, each with its effect (tiny model, in this process): the split and the number of
-rows scored, and the scoring options reaching the scorer (equal to calling it directly with them)."""
+rows scored, and the scoring options reaching the scorer (equal to calling it directly with them, and
+different from the default)."""
 import json
 
 import pytest
@@ -28,16 +29,28 @@ def test_split_and_max_examples_choose_the_rows(tiny_model_dir, data, tmp_path, 
     assert {r["n"] for r in two.values()} == {2} and two["parity"]["row_ids"] == first
 
 
+@pytest.fixture
+def long_option_data(tmp_path):
+    """The gold option is 12 tokens, the other one: summed log-probs prefer the short one, per-token need not."""
+    folder = tmp_path / "lengths" / "pick"
+    folder.mkdir(parents=True)
+    long = " ".join(["blue"] * 12)
+    rows = [{"id": f"dev-{i}", "input": f"Pick number {i}.", "options": ["red", long], "target": long} for i in range(16)]
+    (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "train.jsonl").write_text(json.dumps({**rows[0], "id": "train-0"}) + "\n")
+    return folder.parent
+
+
 @pytest.mark.parametrize("flags,kwargs", [
     (("--length-normalized",), {"length_normalized": True}),
     (("--max-length", "12"), {"max_length": 12}),
-    (("--batch-size", "1"), {"batch_size": 1}),
 ])
-def test_scoring_flags_reach_the_scorer(tiny_model_dir, data, tmp_path, capsys, flags, kwargs):
+def test_scoring_flags_reach_the_scorer(tiny_model_dir, data, long_option_data, tmp_path, capsys, flags, kwargs):
     from rlora.config import DataConfig
     from rlora.data import evaluate_tasks, load_tasks
     from rlora.models import load_base_model, load_tokenizer
 
+    data = long_option_data if "length_normalized" in kwargs else data
     cli = evaluate(tiny_model_dir, data, tmp_path, *flags)
     dev = load_tasks(DataConfig(path=str(data), max_length=kwargs.get("max_length", 256)), "dev")
     model, tok = load_base_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
@@ -48,3 +61,5 @@ def test_scoring_flags_reach_the_scorer(tiny_model_dir, data, tmp_path, capsys, 
         assert cli[t]["loss"] == pytest.approx(direct[t]["loss"], abs=1e-5)
     if "max_length" in kwargs:  # prompts cut to 12 tokens: the answer is scored on another context
         assert any(abs(cli[t]["loss"] - default[t]["loss"]) > 1e-3 for t in cli)
+    else:  # summed log-probs never pick the 12-token gold option; per-token scores pick it at least once
+        assert sum(default["pick"]["row_correct"]) == 0 < sum(cli["pick"]["row_correct"])

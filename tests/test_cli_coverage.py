@@ -25,7 +25,6 @@ EFFECT_TESTS: dict[str, str] = {
     "evaluate --split": f"{CLI}::test_split_and_max_examples_choose_the_rows",
     "evaluate --max-examples": f"{CLI}::test_split_and_max_examples_choose_the_rows",
     "evaluate --max-length": f"{CLI}::test_scoring_flags_reach_the_scorer",
-    "evaluate --batch-size": f"{CLI}::test_scoring_flags_reach_the_scorer",
     "evaluate --length-normalized": f"{CLI}::test_scoring_flags_reach_the_scorer",
     "evaluate --out": f"{CLI}::test_split_and_max_examples_choose_the_rows",
     "prepare-model --force": "tests/test_models.py::test_prepare_model_converting_afresh_prints_no_warning_and_force_rebuilds",
@@ -59,6 +58,7 @@ EFFECT_TESTS: dict[str, str] = {
 }
 
 KNOWN_GAPS: dict[str, str] = {
+    "evaluate --batch-size": "results are equal at any batch size by design; rows per forward are not observed",
     "train --verbose": "only the quiet default is tested (tests/test_main_job_console.py)",
     "submit --no-wait": "the default; every submit test waits for its job",
     "submit --entrypoint-num-cpus": "needs a cluster whose head has no CPU to show the difference",
@@ -69,6 +69,13 @@ KNOWN_GAPS: dict[str, str] = {
     "compare --samplers": "only `dynamic` (benchmarks/quality.py) and bad values are exercised",
     "compare --baseline": "only lora, and a baseline outside --methods (an error), are exercised",
 }
+
+
+# the gaps when this table was written: KNOWN_GAPS may lose entries, never gain one
+GAPS_AT_WRITING = frozenset({
+    "evaluate --batch-size", "train --verbose", "submit --no-wait", "submit --entrypoint-num-cpus",
+    "export --base-model", "export --max-length", "register --task", "register --base-model", "compare --samplers",
+    "compare --baseline"})
 
 
 def cli_flags() -> list[str]:
@@ -99,6 +106,11 @@ def test_the_walk_sees_every_command():
 def test_every_flag_has_an_effect_test_or_a_stated_gap():
     missing = [f for f in cli_flags() if f not in EFFECT_TESTS and f not in KNOWN_GAPS]
     assert not missing, f"flags without an effect test: {missing}: add a row to EFFECT_TESTS"
+
+
+def test_known_gaps_only_shrink():
+    new = set(KNOWN_GAPS) - GAPS_AT_WRITING
+    assert not new, f"new flags without an effect test: {sorted(new)}: write the test instead of a gap"
 
 
 def test_the_tables_name_only_existing_flags_and_do_not_overlap():

@@ -1,5 +1,5 @@
-"""rlora/console.py: what reaches the console and what goes to the run's log file (in a child process,
-so that stdout and stderr are real file descriptors, as in a user's terminal)."""
+"""rlora/console.py: what reaches the console and what goes to the run's log file (in an unbuffered child
+process, so that stdout and stderr are real file descriptors, as in a user's terminal)."""
 import subprocess
 import sys
 import textwrap
@@ -7,7 +7,7 @@ import textwrap
 
 def run(code: str, tmp_path) -> subprocess.CompletedProcess:
     prog = "import os, sys\nfrom pathlib import Path\nfrom rlora import console\n" + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    return subprocess.run([sys.executable, "-u", "-c", prog], capture_output=True, text=True, cwd=tmp_path, timeout=120)
 
 
 def test_run_log_sends_c_level_and_python_output_to_the_file_and_say_to_the_console(tmp_path):

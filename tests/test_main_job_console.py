@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-
 def test_console_shows_each_line_once_and_no_noise(tmp_path):
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     cmd = [sys.executable, "-m", "rlora.cli", "train", str(REPO / "examples/configs/cpu_demo.yaml"),

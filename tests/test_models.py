@@ -56,6 +56,7 @@ def test_prepare_model_command_prints_the_cache_folder_without_warnings(smol):
     assert "warning" not in proc.stderr.lower()
 
 
+@pytest.mark.slow
 def test_prepare_model_converting_afresh_prints_no_warning_and_force_rebuilds(smol, tmp_path):
     """The first `make setup` converts the GGUF wheel: progress bars on stderr, but no library warning line
     (DeepSpeed's accelerator probe, imported by transformers, used to print one)."""

@@ -8,7 +8,7 @@ diagonal). Over all adapted modules:
 * ``ab``: LoRA's rank matches the shared A + B: ``R = round(r sum(d_in + N d_out) / sum(d_in + d_out))``
   (= (N + 1) r / 2 for square modules); routers and task terms come on top.
 * ``total``: LoRA's rank is the smallest whose parameters reach *all* trainable parameters of the largest
-  multi-head method in the grid (rounded up), so LoRA never trains fewer parameters than a method it is
+  multi-head method (hydra, rlora, mtl; rounded up), so LoRA never trains fewer parameters than a method it is
   compared with.
 
 The counts come from the real injection on a meta-device copy of the base model (no memory).

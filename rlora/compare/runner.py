@@ -11,7 +11,6 @@ re-run skips finished cells and resumes an interrupted one from its newest check
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import time
@@ -129,8 +128,15 @@ class Comparison:
                 _ray_init(cfg, self.verbose)  # worker output reaches this process only with --verbose
         at_once = min(len(todo), concurrency(cfg, self.local))
         shared = console.run_log(log, self.verbose) if at_once > 1 else contextlib.nullcontext()
-        with shared, ThreadPoolExecutor(max_workers=at_once) as pool:
-            list(pool.map(self._run_cell, todo))
+        with shared:
+            pool = ThreadPoolExecutor(max_workers=at_once)
+            try:
+                for future in [pool.submit(self._run_cell, c) for c in todo]:
+                    future.result()
+            except BaseException:  # a failed cell or Ctrl-C: drop the queued cells, not wait for them
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
 
     def _print_plan(self, cells: list[Cell]) -> None:
         print(f"[rlora] compare {self.name}: {len(cells)} cells ({', '.join(self.methods)} x "

@@ -104,9 +104,8 @@ def test_ray_compare_console_shows_only_rlora_lines(tiny_model_dir, task_dir, tm
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     noisy = [ln for ln in lines if any(re.search(p, ln) for p in NOISE) or "pid=" in ln]
     assert not noisy, noisy
-    assert [ln for ln in lines if "compare: training" in ln] == [
-        f"[rlora] compare: training {m}/proportional/seed 7 ({r['run_name']})" for m, r in
-        zip(["lora", "hydra"], sorted(records(out), key=lambda r: r["method"] != "lora"))]
+    assert sorted(ln for ln in lines if "compare: training" in ln) == sorted(
+        f"[rlora] compare: training {r['method']}/proportional/seed 7 ({r['run_name']})" for r in records(out))
     worker_logs = list((out / "runs").glob("*/logs/worker-0.log"))
     assert len(worker_logs) == 2 and all(p.stat().st_size > 0 for p in worker_logs)
-    assert (out / "logs" / "compare.log").is_file()  # Ray's start-up lines
+    assert (out / "logs" / "compare.log").is_file()  # Ray's start-up lines (and cells run at once) go there
