@@ -3,16 +3,20 @@
 Within a seed every cell has the same ``trainer.seed``, data, sampler settings and dev rows, so the
 cells of one seed see the same data order (a static sampler draws from ``(seed, step)`` only; the
 training loop records the order's digest, which the runner checks) and are scored on the same rows:
-differences between methods are paired. A cell's key is a hash of its whole config (the seed
-included; the run name, output folder and MLflow parent left out), so a re-run finds the cells it
-already finished.
+differences between methods are paired. A cell's key is a hash of everything that changes its result:
+the config with the seed, and the *contents* of its data files in place of their paths. Where things
+are (data folder, output folder, Ray address and storage, MLflow) and how the run is logged are left
+out, so a re-run finds the cells it already finished, and a results folder copied to another machine
+or clone resumes there.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 from ..config import RunConfig
 from .budget import Budget, lora_rank, parameter_counts
@@ -34,11 +38,42 @@ class Cell:
         return f"{self.method}/{self.sampler}/seed {self.seed}"
 
 
+# where a run lives and how it is logged: no effect on a cell's result
+_NOT_IN_KEY = {"trainer": ("run_name", "output_dir", "logging_steps", "save_steps", "resume_from_checkpoint",
+                           "fail_at_step"),
+               "ray": ("address", "storage_path", "dashboard_host", "num_to_keep", "max_failures")}
+
+
+@lru_cache(maxsize=64)
+def _content_digest(path: str, mtimes: tuple) -> str:
+    root = Path(path)
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    for f in files:
+        h.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def content_digest(path: Optional[str]) -> Optional[str]:
+    """sha256 of a data file or folder's files (relative names and bytes; hidden files left out)."""
+    if not path or not Path(path).exists():
+        return path
+    root = Path(path).resolve()
+    files = [root] if root.is_file() else sorted(root.rglob("*"))
+    return "sha256:" + _content_digest(str(root), tuple(f.stat().st_mtime_ns for f in files))
+
+
 def cell_key(cfg: RunConfig) -> str:
     d = cfg.model_dump(mode="json")
-    d["trainer"].pop("run_name", None)
-    d["trainer"].pop("output_dir", None)
-    d["mlflow"].pop("parent_run_id", None)
+    d.pop("mlflow")
+    for section, keys in _NOT_IN_KEY.items():
+        for k in keys:
+            d[section].pop(k, None)
+    d["data"]["path"] = content_digest(cfg.data.path)
+    for t in d["data"]["tasks"]:
+        t["path"], t["hf_source"] = content_digest(t["path"]), content_digest(t["hf_source"])
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
