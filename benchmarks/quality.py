@@ -16,7 +16,11 @@ last line carry the differences in points with their half-widths as ``spread``.
 
 ``--quick``: 4 steps, 4 dev rows per task, 2 seeds, cells in this process (minutes; its accuracies
 mean nothing). ``--work``: where the cells are kept (default outputs/quality[_quick]): re-running the
-same command skips the cells already trained.
+same command skips the cells already trained. The finished cells' records are also copied to
+``compare_cpu_cells/`` beside the report; copied back into ``WORK/cells/`` on another clone or machine
+they are skipped there too (a cell's key is its config and its data's contents, not their paths):
+
+    mkdir -p outputs/quality/cells && cp benchmarks/results/compare_cpu_cells/*.json outputs/quality/cells/
 """
 from __future__ import annotations
 
@@ -92,6 +96,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for src, dst in (("compare.md", f"{tag}.md"), ("compare.json", f"{tag}.json"), ("forest.png", f"{tag}_forest.png")):
         shutil.copyfile(work / src, out / dst)
+    (out / f"{tag}_cells").mkdir(exist_ok=True)  # the cells' records: copied into a --work folder, they resume
+    for f in (work / "cells").glob("*.json"):
+        shutil.copyfile(f, out / f"{tag}_cells" / f.name)
     emit("quality", figures(summary), args.json)
     return summary
 

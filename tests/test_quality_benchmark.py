@@ -53,6 +53,18 @@ def test_quick_grid_on_another_dataset(tiny_model_dir, two_unbalanced_tasks, tmp
     f = figures["figures"]["rlora_minus_lora_mean"]
     assert f["unit"] == "points" and f["interval"][0] <= f["value"] <= f["interval"][1] and f["spread"] >= 0
     assert f"dynamic_minus_proportional_worst_{best}" in figures["figures"]
+    # the cells' records beside the report resume the grid in another work folder: nothing is trained again
+    copied = sorted(p.name for p in (out / "compare_quick_cells").glob("*.json"))
+    assert copied == sorted(p.name for p in (work / "cells").glob("*.json"))
+    (tmp_path / "work2" / "cells").mkdir(parents=True)
+    for name in copied:
+        (tmp_path / "work2" / "cells" / name).write_bytes((out / "compare_quick_cells" / name).read_bytes())
+    again = quality.main(["--quick", "--data", str(two_unbalanced_tasks), "--model", str(tiny_model_dir),
+                          "--out", str(tmp_path / "results2"), "--work", str(tmp_path / "work2"), "mlflow.enabled=false",
+                          "ray.resources_per_worker={CPU: 1}"])
+    assert capsys.readouterr().out.count("finished earlier: skipped") == 8 + 10
+    assert not (tmp_path / "work2" / "runs").exists()
+    assert [a["mean"] for a in again["arms"]] == [a["mean"] for a in summary["arms"]]
 
 
 def test_bad_data_dir_is_one_line_error(tmp_path):
