@@ -19,6 +19,7 @@ EFFECT_TESTS: dict[str, str] = {
     "train config": "tests/test_main_job_console.py::test_console_shows_each_line_once_and_no_noise",
     "train overrides": "tests/test_main_job_console.py::test_console_shows_each_line_once_and_no_noise",
     "train --local": "tests/train/test_loop.py::test_local_equals_one_ray_worker",
+    "train --verbose": "tests/train/test_launcher.py::test_verbose_shows_library_output_on_the_console_instead_of_the_log",
     "evaluate --data": f"{CLI}::test_split_and_max_examples_choose_the_rows",
     "evaluate --adapter": f"{JOBS}::test_evaluate_job_runs_with_an_adapter",
     "evaluate --base-model": f"{JOBS}::test_evaluate_base_model",
@@ -55,19 +56,18 @@ EFFECT_TESTS: dict[str, str] = {
     "compare --n-boot": "tests/compare/test_bootstrap.py::test_counts_match_index_resampling_in_distribution",
     "compare --budget": "tests/compare/test_budget.py::test_total_gives_lora_at_least_every_method_s_trainable_parameters",
     "compare --verbose": f"{VERB}::test_ray_compare_console_shows_only_rlora_lines",
+    "compare --samplers": f"{VERB}::test_samplers_and_baseline_choose_the_arms_and_the_comparisons",
+    "compare --baseline": f"{VERB}::test_samplers_and_baseline_choose_the_arms_and_the_comparisons",
 }
 
 KNOWN_GAPS: dict[str, str] = {
     "evaluate --batch-size": "results are equal at any batch size by design; rows per forward are not observed",
-    "train --verbose": "only the quiet default is tested (tests/test_main_job_console.py)",
     "submit --no-wait": "the default; every submit test waits for its job",
     "submit --entrypoint-num-cpus": "needs a cluster whose head has no CPU to show the difference",
     "export --base-model": "every test adapter names its base model, so the override is never exercised",
     "export --max-length": "the routed export's gate statistics at another length are not compared",
     "register --task": "every test row names its task",
     "register --base-model": "as for export",
-    "compare --samplers": "only `dynamic` (benchmarks/quality.py) and bad values are exercised",
-    "compare --baseline": "only lora, and a baseline outside --methods (an error), are exercised",
 }
 
 

@@ -109,3 +109,22 @@ def test_ray_compare_console_shows_only_rlora_lines(tiny_model_dir, task_dir, tm
     worker_logs = list((out / "runs").glob("*/logs/worker-0.log"))
     assert len(worker_logs) == 2 and all(p.stat().st_size > 0 for p in worker_logs)
     assert (out / "logs" / "compare.log").is_file()  # Ray's start-up lines (and cells run at once) go there
+
+
+def test_samplers_and_baseline_choose_the_arms_and_the_comparisons(tiny_model_dir, task_dir, tmp_path):
+    """`--samplers proportional,round_robin --baseline hydra`: a cell per (method, sampler); round-robin trains on
+    another data order; every method is compared with hydra under each sampler, every sampler with proportional."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, task_dir, tmp_path, mlflow__enabled="false")
+    out = tmp_path / "cmp"
+    proc = compare(cfg, out, "--local", "--methods", "lora,hydra", "--samplers", "proportional,round_robin",
+                   "--baseline", "hydra", "--seeds", "1", "--n-boot", "100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = {(r["method"], r["sampler"]): r for r in records(out)}
+    assert set(recs) == {(m, s) for m in ("lora", "hydra") for s in ("proportional", "round_robin")}
+    assert recs[("lora", "round_robin")]["data_order"] == recs[("hydra", "round_robin")]["data_order"]
+    assert recs[("lora", "round_robin")]["data_order"] != recs[("lora", "proportional")]["data_order"]
+    report = json.loads((out / "compare.json").read_text())
+    assert [c["label"] for c in report["comparisons"]] == [
+        "lora vs hydra (proportional)", "lora vs hydra (round_robin)",
+        "round_robin vs proportional (lora)", "round_robin vs proportional (hydra)"]
+    assert report["baseline"] == {"method": "hydra", "sampler": "proportional"}

@@ -165,3 +165,30 @@ def test_address_joins_an_existing_cluster_and_use_gpu_asks_it_for_gpus(tiny_mod
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_verbose_shows_library_output_on_the_console_instead_of_the_log(tiny_model_dir, task_dir, tmp_path):
+    """`rlora train --local`: quiet, the console has rlora's lines only and the rest is in logs/run.log;
+    with --verbose the library lines (model loading, DeepSpeed) reach the console and no log file is written."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = run_config(tiny_model_dir, task_dir, tmp_path / "out", trainer__max_steps=2, mlflow__enabled="false",
+                     ray__num_workers=1, diagnostics__enabled="false")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    def train(name, *flags):
+        proc = subprocess.run([sys.executable, "-m", "rlora.cli", "train", str(path), "--local", *flags,
+                               f"trainer.run_name={name}"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        return [ln for ln in lines if not ln.startswith(("[rlora]", "|"))]
+
+    assert train("quiet") == []
+    assert (tmp_path / "out" / "quiet" / "logs" / "run.log").stat().st_size > 0
+    assert train("loud", "--verbose")
+    assert not (tmp_path / "out" / "loud" / "logs" / "run.log").exists()
