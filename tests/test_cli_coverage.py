@@ -42,6 +42,9 @@ EFFECT_TESTS: dict[str, str] = {
     "export --tracking-uri": "tests/export/test_registry.py::test_export_from_run_id_logs_the_report",
     "export --max-examples": f"{EXPORT}::test_routed_export_reports_measured_error",
     "export --overwrite": f"{EXPORT}::test_export_refuses_non_empty_out_and_overwrites_on_request",
+    "export --base-model": f"{EXPORT}::test_cli_base_model_overrides_the_recorded_one",
+    "register --task": f"{REGISTRY}::test_cli_task_and_base_model_are_recorded_on_the_version",
+    "register --base-model": f"{REGISTRY}::test_cli_task_and_base_model_are_recorded_on_the_version",
     "register source": f"{REGISTRY}::test_register_from_run_id_and_unknown_task",
     "register --name": f"{JOBS}::test_register_job_runs",
     "register --alias": f"{REGISTRY}::test_promotion_moves_the_champion_alias",
@@ -64,10 +67,7 @@ KNOWN_GAPS: dict[str, str] = {
     "evaluate --batch-size": "results are equal at any batch size by design; rows per forward are not observed",
     "submit --no-wait": "the default; every submit test waits for its job",
     "submit --entrypoint-num-cpus": "needs a cluster whose head has no CPU to show the difference",
-    "export --base-model": "every test adapter names its base model, so the override is never exercised",
     "export --max-length": "the routed export's gate statistics at another length are not compared",
-    "register --task": "every test row names its task",
-    "register --base-model": "as for export",
 }
 
 

@@ -202,3 +202,25 @@ def test_cli_export_prints_summary(adapters, tmp_path, capsys):
 
     assert main(["export", str(adapters["lora"]), "--format", "peft", "--out", str(tmp_path / "o")]) == 0
     assert "peft export of lora (exact" in capsys.readouterr().out
+
+
+def test_cli_base_model_overrides_the_recorded_one(adapters, base_dir, tmp_path, capsys):
+    """`--base-model`: the adapter's recorded base folder is gone (moved); the export loads the one named, and
+    the exported PEFT adapter points at it."""
+    import shutil
+
+    from rlora.cli import main
+
+    moved = tmp_path / "moved-base"
+    shutil.copytree(base_dir, moved)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapters["lora"], adapter)
+    meta = json.loads((adapter / "adapter_config.json").read_text())
+    meta["base_model"] = str(tmp_path / "no-such-base")
+    (adapter / "adapter_config.json").write_text(json.dumps(meta))
+    assert main(["export", str(adapter), "--format", "peft", "--out", str(tmp_path / "a")]) == 2
+    assert "no-such-base" in capsys.readouterr().err
+    assert main(["export", str(adapter), "--format", "peft", "--out", str(tmp_path / "b"),
+                 "--base-model", str(moved)]) == 0
+    peft_cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert peft_cfg["base_model_name_or_path"] == str(moved)

@@ -233,3 +233,21 @@ def test_register_and_load_by_alias_over_http(base_dir, adapters, mlflow_server,
     df = _rows().iloc[:4]
     assert list(model.predict(df)) == _in_process_answers(base_dir, adapters["lora"], df)
     assert reg.version == "1"
+
+
+def test_cli_task_and_base_model_are_recorded_on_the_version(adapters, mlflow_env, tmp_path, capsys):
+    """`--task` (the default task of a multi-head adapter's rows) and `--base-model` (instead of the adapter's
+    recorded base) end up in the registered version's tags and model config."""
+    from mlflow.tracking import MlflowClient
+
+    from rlora.cli import main
+
+    uri = mlflow_env["uri"]
+    assert main(["register", str(adapters["hydra"]), "--name", "rlora-tagged", "--task", "beta",
+                 "--base-model", "org/other-base", "--tracking-uri", uri]) == 0
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = c.get_model_version_by_alias("rlora-tagged", "challenger")
+    assert mv.tags["base_model"] == "org/other-base" and mv.tags["task"] == "beta"
+    default = register(adapters["hydra"], name="rlora-untagged", tracking_uri=uri)
+    mv0 = c.get_model_version("rlora-untagged", default.version)
+    assert mv0.tags["base_model"] != "org/other-base" and mv0.tags.get("task", "") == ""
