@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -44,25 +43,18 @@ _NOT_IN_KEY = {"trainer": ("run_name", "output_dir", "logging_steps", "save_step
                "ray": ("address", "storage_path", "dashboard_host", "num_to_keep", "max_failures")}
 
 
-@lru_cache(maxsize=64)
-def _content_digest(path: str, mtimes: tuple) -> str:
-    root = Path(path)
-    h = hashlib.sha256()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    for f in files:
-        h.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
 def content_digest(path: Optional[str]) -> Optional[str]:
     """sha256 of a data file or folder's files (relative names and bytes; hidden files left out)."""
     if not path or not Path(path).exists():
         return path
     root = Path(path).resolve()
-    files = [root] if root.is_file() else sorted(root.rglob("*"))
-    return "sha256:" + _content_digest(str(root), tuple(f.stat().st_mtime_ns for f in files))
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def cell_key(cfg: RunConfig) -> str:
