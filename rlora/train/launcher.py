@@ -217,9 +217,13 @@ def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    lines = Queue(actor_options={"num_cpus": 0})
+    # the queue lives on the driver's node: a worker node that dies (and is replaced) must not take it along
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    lines = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         _entry,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run": run, "progress": lines},
@@ -238,6 +242,8 @@ def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
                 say(lines.get(timeout=0.5))
             except Empty:
                 pass
+            except ray.exceptions.RayError:  # the queue is gone (the cluster is going down): stop relaying
+                return
 
     t = threading.Thread(target=relay, daemon=True)
     t.start()

@@ -28,10 +28,13 @@ class RayRuntime(Runtime):
             redirect_process_output(Path(log_dir) / f"worker-{self.rank}.log")
 
     def say(self, line: str) -> None:
-        if self.progress is None:
-            print(line, flush=True)
-        else:
-            self.progress.put(line)
+        if self.progress is not None:
+            try:
+                self.progress.put(line)
+                return
+            except Exception:  # the driver's queue is unreachable: a progress line must never stop training
+                self.progress = None
+        print(line, flush=True)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Optional[Path]]:

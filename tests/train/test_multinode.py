@@ -57,6 +57,7 @@ def test_lost_node_recovers_when_capacity_returns(two_node_cluster, tiny_model_d
     import threading
     import time
 
+    import ray
     from mlflow.tracking import MlflowClient
 
     from rlora.train.launcher import run_training
