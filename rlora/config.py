@@ -280,6 +280,19 @@ class DeepSpeedConfig(_Section):
             raise ValueError(f"deepspeed.stage must be 0, 1, 2 or 3, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _stage_supports(self) -> "DeepSpeedConfig":
+        """Settings the chosen stage would drop are refused, not silently ignored."""
+        if self.offload_param and self.stage != 3:
+            raise ValueError(f"deepspeed.offload_param needs deepspeed.stage: 3 (got stage {self.stage}): "
+                             "set stage to 3 or offload_param to false")
+        if self.stage == 0:
+            for name in ("offload_optimizer", "overlap_comm"):
+                if getattr(self, name):
+                    raise ValueError(f"deepspeed.{name} needs ZeRO (deepspeed.stage 1, 2 or 3), got stage 0: "
+                                     f"raise the stage or set {name} to false")
+        return self
+
 
 class RayConfig(_Section):
     address: Optional[str] = Field(None, description="existing cluster ('auto', ray://...), else a local Ray")

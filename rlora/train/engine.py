@@ -23,9 +23,9 @@ def ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": d.stage}
     if d.stage >= 1:
         zero.update(overlap_comm=d.overlap_comm, contiguous_gradients=True, reduce_scatter=True)
-    if d.offload_optimizer and d.stage >= 1:
+    if d.offload_optimizer:  # the config refuses offloading at a stage that cannot do it
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
-    if d.offload_param and d.stage == 3:
+    if d.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.ray.use_gpu}
     if d.stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
