@@ -68,6 +68,9 @@ def submit(config: str, overrides: list[str], address: str, wait: bool, pip: Opt
            entrypoint_num_cpus: float = 0.0, working_dir: Path = REPO_ROOT) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    if not (Path(working_dir) / "jobs" / "train.py").is_file():
+        raise ConfigError(f"rlora submit uploads a source checkout, but {working_dir} has no jobs/train.py (rlora is "
+                          "installed without its repository): run it from a clone installed with `pip install -e .`")
     cfg = load_config(config, overrides)  # type and value errors before anything leaves this machine
     run_name = cfg.trainer.run_name or f"{cfg.adapter.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [o for o in overrides if not o.startswith("trainer.run_name=")] + [f"trainer.run_name={run_name}"]

@@ -98,3 +98,15 @@ def test_pip_takes_one_requirement_per_flag_and_leaves_overrides_alone():
     args, extra = build_parser().parse_known_args(["submit", "c.yaml", "--pip", "emoji==2.14.1", "--pip", "rich",
                                                    "trainer.max_steps=20"])
     assert args.pip == ["emoji==2.14.1", "rich"] and extra == ["trainer.max_steps=20"]
+
+
+def test_submit_without_a_source_checkout_is_refused_before_contacting_the_cluster(tmp_path):
+    """Installed without its repository there is no jobs/train.py to run: one clear line, nothing uploaded
+    (the address points nowhere, so reaching the cluster would be a different error)."""
+    from rlora.config import ConfigError
+    from rlora.submit import REPO_ROOT, submit
+
+    assert (REPO_ROOT / "jobs" / "train.py").is_file()  # this checkout is a source checkout
+    with pytest.raises(ConfigError, match=r"has no jobs/train.py .* run it from a clone installed with"):
+        submit(str(REPO_ROOT / "examples" / "configs" / "cpu_demo.yaml"), [], "http://127.0.0.1:9", wait=False,
+               working_dir=tmp_path)
