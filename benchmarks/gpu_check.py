@@ -23,7 +23,9 @@ FLOPs are left out), over ``--peak-tflops`` (989: H200 bf16 dense).
 ``--dry-run``: on CPU (gloo, bf16 autocast) with tiny random models, 3 steps: checks the mechanics only; the
 memory figures are then peak RSS.
 
-    python benchmarks/gpu_check.py [--dry-run] [--json] [--steps N] [--peak-tflops T]
+    python benchmarks/gpu_check.py [--dry-run] [--quick] [--json] [--steps N] [--peak-tflops T]
+
+``--quick``: 10 steps per training instead of 30 on the GPU (the dry run always takes 3).
     python benchmarks/gpu_check.py --flatten NAME < last-line   # a benchmark's --json line -> one line per figure
 """
 from __future__ import annotations
@@ -104,7 +106,8 @@ def flatten(name: str, line: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny random models, 3 steps (mechanics only)")
-    p.add_argument("--steps", type=positive_int, help="optimizer steps per training (default 30; 3 with --dry-run)")
+    p.add_argument("--steps", type=positive_int,
+                   help="optimizer steps per training (default 30, 10 with --quick, 3 with --dry-run)")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="the device's peak (989: H200 bf16)")
     p.add_argument("--flatten", metavar="NAME", help="read a benchmark's --json line on stdin, print one per figure")
     args = p.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             common = dict(steps=steps, threads=1, workers=1, use_gpu=False, bf16=True, rows_per_task=20)
             sizes = {"embedded": dict(batch=2, max_length=64), "qwen1.5b": dict(batch=2, max_length=64)}
         else:
-            steps = args.steps or 30
+            steps = args.steps or (10 if args.quick else 30)
             embedded = "smollm2-135m"
             big = str(random_model(work / "qwen2.5-1.5b-random", "qwen2.5-1.5b", dtype=torch.bfloat16,
                                    device="cuda")[0])
