@@ -34,6 +34,8 @@ EFFECT_TESTS: dict[str, str] = {
     "submit --address": f"{SUBMIT}::test_submit_wait_succeeds_and_records_adapter_and_mlflow",
     "submit --wait": f"{SUBMIT}::test_submit_wait_succeeds_and_records_adapter_and_mlflow",
     "submit --pip": f"{SUBMIT}::test_pip_takes_one_requirement_per_flag_and_leaves_overrides_alone",
+    "submit --no-wait": f"{SUBMIT}::test_no_wait_returns_while_the_job_still_runs_with_its_entrypoint_cpus",
+    "submit --entrypoint-num-cpus": f"{SUBMIT}::test_no_wait_returns_while_the_job_still_runs_with_its_entrypoint_cpus",
     "export source": f"{EXPORT}::test_sources_training_output_and_ray_checkpoints",
     "export --task": f"{EXPORT}::test_cli_unknown_task_lists_the_tasks",
     "export --format": f"{JOBS}::test_export_job_runs",
@@ -43,6 +45,7 @@ EFFECT_TESTS: dict[str, str] = {
     "export --max-examples": f"{EXPORT}::test_routed_export_reports_measured_error",
     "export --overwrite": f"{EXPORT}::test_export_refuses_non_empty_out_and_overwrites_on_request",
     "export --base-model": f"{EXPORT}::test_cli_base_model_overrides_the_recorded_one",
+    "export --max-length": f"{EXPORT}::test_cli_max_length_truncates_the_rows_that_measure_the_gates",
     "register --task": f"{REGISTRY}::test_cli_task_and_base_model_are_recorded_on_the_version",
     "register --base-model": f"{REGISTRY}::test_cli_task_and_base_model_are_recorded_on_the_version",
     "register source": f"{REGISTRY}::test_register_from_run_id_and_unknown_task",
@@ -65,9 +68,6 @@ EFFECT_TESTS: dict[str, str] = {
 
 KNOWN_GAPS: dict[str, str] = {
     "evaluate --batch-size": "results are equal at any batch size by design; rows per forward are not observed",
-    "submit --no-wait": "the default; every submit test waits for its job",
-    "submit --entrypoint-num-cpus": "needs a cluster whose head has no CPU to show the difference",
-    "export --max-length": "the routed export's gate statistics at another length are not compared",
 }
 
 

@@ -26,7 +26,10 @@ def ray_head(tmp_path):
     gcs, dash = free_port(), free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                     "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                    "--temp-dir", str(temp), "--disable-usage-stats"], check=True, env=env, capture_output=True)
+                    "--temp-dir", str(temp), "--disable-usage-stats",
+                    # the agents' fixed default ports would collide with any other Ray on this machine
+                    "--dashboard-agent-listen-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                    "--metrics-export-port", str(free_port())], check=True, env=env, capture_output=True)
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
@@ -110,3 +113,36 @@ def test_submit_without_a_source_checkout_is_refused_before_contacting_the_clust
     with pytest.raises(ConfigError, match=r"has no jobs/train.py .* run it from a clone installed with"):
         submit(str(REPO_ROOT / "examples" / "configs" / "cpu_demo.yaml"), [], "http://127.0.0.1:9", wait=False,
                working_dir=tmp_path)
+
+
+
+def test_no_wait_returns_while_the_job_still_runs_with_its_entrypoint_cpus(ray_head, tiny_model_dir, tmp_path):
+    """`--no-wait` (the default) returns once the job is submitted: exit 0, the submission line and no final
+    status. `--entrypoint-num-cpus` is the CPU reservation of the job's driver: 3 CPUs on this 2-CPU head keep
+    the job pending, while the same job with the default (0) starts running."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, env = ray_head
+    cfg = {"model": {"name_or_path": str(tiny_model_dir)},
+           "adapter": {"method": "lora", "r": 2, "target_modules": ["q_proj"]},
+           "data": {"path": str(write_tasks(tmp_path / "data")), "max_length": 32},
+           "trainer": {"max_steps": 500, "output_dir": str(tmp_path / "out")},
+           "ray": {"num_workers": 1, "storage_path": str(tmp_path / "store")}, "mlflow": {"enabled": False}}
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    client = JobSubmissionClient(address)
+    for name, cpus in (("starved", "3"), ("free", "0")):
+        proc = subprocess.run([str(BIN / "rlora"), "submit", str(cfg_file), f"trainer.run_name={name}", "--address",
+                               address, "--no-wait", "--entrypoint-num-cpus", cpus],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"[rlora] submitted rlora-{name}-1" in proc.stdout and "[rlora] job rlora-" not in proc.stdout
+    deadline = time.time() + 120
+    while client.get_job_status("rlora-free-1") != JobStatus.RUNNING and time.time() < deadline:
+        time.sleep(1)
+    assert client.get_job_status("rlora-free-1") == JobStatus.RUNNING
+    assert client.get_job_status("rlora-starved-1") == JobStatus.PENDING
+    for sid in ("rlora-free-1", "rlora-starved-1"):
+        client.stop_job(sid)

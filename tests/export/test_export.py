@@ -224,3 +224,18 @@ def test_cli_base_model_overrides_the_recorded_one(adapters, base_dir, tmp_path,
                  "--base-model", str(moved)]) == 0
     peft_cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert peft_cfg["base_model_name_or_path"] == str(moved)
+
+
+def test_cli_max_length_truncates_the_rows_that_measure_the_gates(adapters, data_dir, tmp_path):
+    """`--max-length`: the routed export measures its average gates on dev rows cut to that many tokens."""
+    from rlora.cli import main
+
+    reports = {}
+    for n in (8, 256):
+        out = tmp_path / f"len{n}"
+        assert main(["export", str(adapters["hydra"]), "--task", "beta", "--format", "peft", "--data", str(data_dir),
+                     "--max-examples", "4", "--max-length", str(n), "--out", str(out)]) == 0
+        reports[n] = json.loads((out / REPORT_NAME).read_text())
+    assert reports[8]["dev_examples"] == reports[256]["dev_examples"] == 4
+    assert reports[8]["dev_tokens"] == 4 * 8 < reports[256]["dev_tokens"]     # every row cut to 8 tokens
+    assert reports[8]["average_gates"] != reports[256]["average_gates"]
