@@ -63,3 +63,29 @@ def test_scoring_flags_reach_the_scorer(tiny_model_dir, data, long_option_data, 
         assert any(abs(cli[t]["loss"] - default[t]["loss"]) > 1e-3 for t in cli)
     else:  # summed log-probs never pick the 12-token gold option; per-token scores pick it at least once
         assert sum(default["pick"]["row_correct"]) == 0 < sum(cli["pick"]["row_correct"])
+
+
+def test_batch_size_sets_rows_per_forward_and_leaves_results_alone(tiny_model_dir, data, tmp_path, monkeypatch):
+    """`--batch-size`: fewer rows per forward means more forwards; the scores stay the same."""
+    import torch
+
+    import rlora.models
+
+    forwards: list[int] = []
+    real = rlora.models.load_base_model
+
+    def counted(*a, **kw):
+        model = real(*a, **kw)
+        model.get_decoder().register_forward_pre_hook(lambda m, args: forwards.append(1))  # the scorer runs the decoder
+        return model
+
+    monkeypatch.setattr(rlora.models, "load_base_model", counted)
+    runs = {}
+    for bs in (1, 16):
+        forwards.clear()
+        runs[bs] = (evaluate(tiny_model_dir, data, tmp_path, "--batch-size", str(bs)), len(forwards))
+    (one, n_one), (many, n_many) = runs[1], runs[16]
+    assert n_one >= 9 and n_one > n_many >= 3  # 9 rows: >= one forward each at batch 1; 3 tasks
+    for t in one:
+        assert one[t]["row_correct"] == many[t]["row_correct"]
+        assert torch.allclose(torch.tensor(one[t]["accuracy"]), torch.tensor(many[t]["accuracy"]))
