@@ -8,10 +8,15 @@ hidden: a failing command still prints its one-line error after the log is close
 
     with console.run_log(path, verbose):   # file descriptors 1 and 2 -> path (unless verbose)
         console.say("[rlora] ...")          # always reaches the console (and the log)
+
+When several runs share one console (``rlora compare`` training cells at once), each run's lines are
+tagged with its name: ``with console.tagged("lora/proportional/seed 42"):`` -> ``[rlora] lora/... | step ...``.
+The tag is a context variable: a thread started with ``contextvars.copy_context().run`` keeps it.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 from pathlib import Path
@@ -22,6 +27,19 @@ _log: Optional[TextIO] = None
 _log_path: Optional[Path] = None  # the file this process's output goes to, while a run_log is open
 
 
+_tag: contextvars.ContextVar[str] = contextvars.ContextVar("rlora_console_tag", default="")
+
+
+@contextlib.contextmanager
+def tagged(tag: str) -> Iterator[None]:
+    """Lines said in this block (this thread, and threads started with a copy of its context) name ``tag``."""
+    token = _tag.set(tag)
+    try:
+        yield
+    finally:
+        _tag.reset(token)
+
+
 def active_log() -> Optional[Path]:
     """The log file capturing this process's output now (an enclosing :func:`run_log`), or None."""
     return _log_path
@@ -29,6 +47,9 @@ def active_log() -> Optional[Path]:
 
 def say(line: str) -> None:
     """Print one of rlora's own lines to the console (and into the run's log, if one is open)."""
+    tag = _tag.get()
+    if tag:
+        line = f"[rlora] {tag} | {line[len('[rlora] '):]}" if line.startswith("[rlora] ") else f"{tag} | {line}"
     out = _console or sys.stdout
     out.write(line + "\n")
     out.flush()

@@ -47,3 +47,23 @@ def test_verbose_leaves_the_console_alone(tmp_path):
             assert console.active_log() is None
     """, tmp_path)
     assert proc.returncode == 0 and proc.stdout == "shown\n" and not (tmp_path / "run.log").exists()
+
+
+def test_tagged_lines_name_their_run_in_threads_that_copy_the_context(tmp_path):
+    """`rlora compare` trains cells at once in threads; the progress relay is a thread of its own, started
+    with a copy of the cell's context, so its lines keep the tag; other threads' lines do not get it."""
+    proc = run("""
+        import contextvars, threading
+        console.say("[rlora] before")
+        with console.tagged("lora/proportional/seed 42"):
+            console.say("[rlora] run header")
+            t = threading.Thread(target=contextvars.copy_context().run, args=(console.say, "[rlora] step 5/10"))
+            t.start(); t.join()
+            u = threading.Thread(target=console.say, args=("[rlora] another run",))
+            u.start(); u.join()
+        console.say("[rlora] after")
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[rlora] before", "[rlora] lora/proportional/seed 42 | run header",
+                                        "[rlora] lora/proportional/seed 42 | step 5/10", "[rlora] another run",
+                                        "[rlora] after"]

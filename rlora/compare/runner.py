@@ -131,7 +131,7 @@ class Comparison:
         with shared:
             pool = ThreadPoolExecutor(max_workers=at_once)
             try:
-                for future in [pool.submit(self._run_cell, c) for c in todo]:
+                for future in [pool.submit(self._run_cell, c, at_once > 1) for c in todo]:
                     future.result()
             except BaseException:  # a failed cell or Ctrl-C: drop the queued cells, not wait for them
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -170,7 +170,9 @@ class Comparison:
         self.parent_run_id = run.info.run_id
         _write_json(state_file, {"parent_run_id": self.parent_run_id, "tracking_uri": self.uri})
 
-    def _run_cell(self, cell: Cell) -> None:
+    def _run_cell(self, cell: Cell, tag: bool = False) -> None:
+        """Train one cell and write its record; ``tag``: cells run at once, so the run's lines name the cell."""
+        from .. import console
         from ..train.launcher import run_training
 
         cfg = cell.cfg.model_copy(deep=True)
@@ -180,7 +182,8 @@ class Comparison:
             cfg.mlflow.enabled = False
         say(f"[rlora] compare: training {cell.label} ({cfg.trainer.run_name})")
         t0 = time.time()
-        res = run_training(cfg, local=self.local, verbose=self.verbose)
+        with console.tagged(cell.label) if tag else contextlib.nullcontext():
+            res = run_training(cfg, local=self.local, verbose=self.verbose)
         record = cell_record(cell, res.summary, time.time() - t0, res.mlflow_run_id)
         _write_json(self.out / "cells" / f"{cell.key}.json", record)
         mean = sum(record["accuracy"].values()) / len(record["accuracy"])

@@ -213,6 +213,7 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool 
 
 def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
     """``TorchTrainer.fit`` with rank 0's progress lines relayed to the console through a Ray queue."""
+    import contextvars
     import threading
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -245,7 +246,7 @@ def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
             except ray.exceptions.RayError:  # the queue is gone (the cluster is going down): stop relaying
                 return
 
-    t = threading.Thread(target=relay, daemon=True)
+    t = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True)  # keeps a console tag
     t.start()
     try:
         return trainer.fit()

@@ -96,7 +96,8 @@ def test_ray_cells_are_paired_and_logged_as_mlflow_children(local_ray, tiny_mode
 
 def test_ray_compare_console_shows_only_rlora_lines(tiny_model_dir, task_dir, tmp_path):
     """Without --verbose, `rlora compare` on its own Ray cluster shows rlora's lines only: worker and
-    library output stays in the cells' log files (Ray used to forward it to the console)."""
+    library output stays in the cells' log files (Ray used to forward it to the console); cells trained at
+    once name themselves on each of their lines."""
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, task_dir, tmp_path, mlflow__enabled="false")
     out = tmp_path / "cmp"
     proc = compare(cfg, out, "--methods", "lora,hydra", "--seeds", "1", "--n-boot", "100")
@@ -106,6 +107,11 @@ def test_ray_compare_console_shows_only_rlora_lines(tiny_model_dir, task_dir, tm
     assert not noisy, noisy
     assert sorted(ln for ln in lines if "compare: training" in ln) == sorted(
         f"[rlora] compare: training {r['method']}/proportional/seed 7 ({r['run_name']})" for r in records(out))
+    # the two cells ran at once (2 CPUs, 1 worker each): every line of a run names its cell
+    labels = [f"{r['method']}/proportional/seed 7" for r in records(out)]
+    run_lines = [ln for ln in lines if ln.startswith("[rlora] ") and not ln.startswith(("[rlora] compare", "[rlora]   "))]
+    assert any(" | step " in ln for ln in run_lines), run_lines
+    assert all(any(ln.startswith(f"[rlora] {lb} | ") for lb in labels) for ln in run_lines), run_lines
     worker_logs = list((out / "runs").glob("*/logs/worker-0.log"))
     assert len(worker_logs) == 2 and all(p.stat().st_size > 0 for p in worker_logs)
     assert (out / "logs" / "compare.log").is_file()  # Ray's start-up lines (and cells run at once) go there

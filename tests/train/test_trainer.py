@@ -108,3 +108,23 @@ def test_config_errors_fail_before_any_worker(local_ray, tiny_model_dir, task_di
     assert ray.available_resources().get("CPU") == free
     assert not (tmp_path / "ray_results").exists() or not any((tmp_path / "ray_results").iterdir())
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_zero3_evaluation_with_uneven_shards_finishes(local_ray, tiny_model_dir, tmp_path):
+    """Under ZeRO-3 every forward gathers the partitioned base weights (a collective), so the ranks must run
+    the same forwards. 5 dev rows per task at 2 rows per forward split 3 / 2 over two ranks: 2 forwards on one
+    rank, 1 on the other, unless evaluation keeps the ranks in step. The run must finish and score every row."""
+    import threading
+
+    from helpers import write_tasks
+
+    data = write_tasks(tmp_path / "data", n_train=12, n_dev=5)
+    cfg = run_config(tiny_model_dir, data, tmp_path, deepspeed__stage=3, trainer__max_steps=2, trainer__save_steps=100,
+                     trainer__per_device_eval_batch_size=2, trainer__run_name="z3-eval", mlflow__enabled=False)
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.setdefault("res", run_training(cfg)), daemon=True)
+    th.start()
+    th.join(timeout=300)
+    assert "res" in out, "the ZeRO-3 run did not finish (the ranks' evaluation forwards went out of step)"
+    after = out["res"].summary["results_after"]
+    assert {t: r["n"] for t, r in after.items()} == {"parity": 5, "sign": 5, "size": 5}
