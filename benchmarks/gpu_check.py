@@ -24,9 +24,9 @@ FLOPs are left out), over ``--peak-tflops`` (989: H200 bf16 dense).
 memory figures are then peak RSS.
 
     python benchmarks/gpu_check.py [--dry-run] [--quick] [--json] [--steps N] [--peak-tflops T]
+    python benchmarks/gpu_check.py --flatten NAME < last-line   # a benchmark's --json line -> one line per figure
 
 ``--quick``: 10 steps per training instead of 30 on the GPU (the dry run always takes 3).
-    python benchmarks/gpu_check.py --flatten NAME < last-line   # a benchmark's --json line -> one line per figure
 """
 from __future__ import annotations
 

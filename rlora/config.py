@@ -283,6 +283,10 @@ class DeepSpeedConfig(_Section):
     @model_validator(mode="after")
     def _stage_supports(self) -> "DeepSpeedConfig":
         """Settings the chosen stage would drop are refused, not silently ignored."""
+        extra_stage = (self.extra.get("zero_optimization") or {}).get("stage")
+        if extra_stage is not None and extra_stage != self.stage:
+            raise ValueError(f"deepspeed.extra.zero_optimization.stage ({extra_stage}) differs from deepspeed.stage "
+                             f"({self.stage}): set the stage with deepspeed.stage only")
         if self.offload_param and self.stage != 3:
             raise ValueError(f"deepspeed.offload_param needs deepspeed.stage: 3 (got stage {self.stage}): "
                              "set stage to 3 or offload_param to false")

@@ -91,6 +91,8 @@ CONFIG_CASES = [
      "deepspeed.offload_optimizer needs ZeRO (deepspeed.stage 1, 2 or 3), got stage 0"),
     ("overlap_comm_without_zero", ["deepspeed.stage=0", "deepspeed.overlap_comm=true"],
      "deepspeed.overlap_comm needs ZeRO"),
+    ("stage_in_extra", ["deepspeed.extra={zero_optimization: {stage: 3}}"],
+     "deepspeed.extra.zero_optimization.stage (3) differs from deepspeed.stage (2)"),
     ("no_workers", ["ray.num_workers=0"], "ray.num_workers must be >= 1, got 0"),
     ("removed_field", ["trainer.save_total_limit=3"], "trainer.save_total_limit was removed: it is ray.num_to_keep"),
     ("weight_round_robin", ["sampler.strategy=round_robin", "data.tasks=[{name: parity, weight: 2}, {name: sign}]"],

@@ -29,7 +29,7 @@ def ray_head(tmp_path):
                     "--temp-dir", str(temp), "--disable-usage-stats",
                     # the agents' fixed default ports would collide with any other Ray on this machine
                     "--dashboard-agent-listen-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-                    "--metrics-export-port", str(free_port())], check=True, env=env, capture_output=True)
+                    "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port())], check=True, env=env, capture_output=True)
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:

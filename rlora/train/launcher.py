@@ -238,13 +238,14 @@ def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
     done = threading.Event()
 
     def relay() -> None:
-        while not (done.is_set() and lines.empty()):
-            try:
-                say(lines.get(timeout=0.5))
-            except Empty:
-                pass
-            except ray.exceptions.RayError:  # the queue is gone (the cluster is going down): stop relaying
-                return
+        try:
+            while not (done.is_set() and lines.empty()):
+                try:
+                    say(lines.get(timeout=0.5))
+                except Empty:
+                    pass
+        except ray.exceptions.RayActorError:  # the queue's actor is gone: the workers print instead
+            say("[rlora] progress relay stopped (its Ray queue is gone): see the run's log for progress")
 
     t = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True)  # keeps a console tag
     t.start()

@@ -368,10 +368,16 @@ class Trainer:
 
     # ---- helpers --------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Per-task dev metrics, rows sharded over ranks and merged (a collective)."""
+        """Per-task dev metrics, rows sharded over ranks and merged (a collective).
+
+        Under ZeRO-3 every forward gathers the partitioned base weights (collectives every rank must
+        match), and a shard's number of forwards depends on its rows: there every rank scores all rows,
+        running the same forwards, and the ranks' equal results are not merged."""
         from ..data import evaluate_tasks, merge_metrics, prompt_templates
 
         cfg, model = self.cfg, self.engine.module
+        whole = cfg.deepspeed.stage == 3 and self.world > 1
+        rank, world = (0, 1) if whole else (self.rank, self.world)
         with gathered(model, cfg.deepspeed.stage):
             model.eval()
             with torch.no_grad():
@@ -380,9 +386,11 @@ class Trainer:
                                       length_normalized=cfg.eval.length_normalized, max_length=cfg.data.max_length,
                                       use_chat_template=cfg.data.use_chat_template,
                                       templates=prompt_templates(cfg.data),
-                                      max_examples_per_task=cfg.eval.max_examples_per_task, rank=self.rank,
-                                      world_size=self.world, progress=False)
+                                      max_examples_per_task=cfg.eval.max_examples_per_task, rank=rank,
+                                      world_size=world, progress=False)
             model.train()
+        if whole:
+            return {t: merge_metrics([part[t]]) for t in self.data.dev}
         parts = gather_objects(part)
         return {t: merge_metrics([p[t] for p in parts]) for t in self.data.dev}
 

@@ -112,6 +112,9 @@ def test_ray_compare_console_shows_only_rlora_lines(tiny_model_dir, task_dir, tm
     run_lines = [ln for ln in lines if ln.startswith("[rlora] ") and not ln.startswith(("[rlora] compare", "[rlora]   "))]
     assert any(" | step " in ln for ln in run_lines), run_lines
     assert all(any(ln.startswith(f"[rlora] {lb} | ") for lb in labels) for ln in run_lines), run_lines
+    for r in records(out):  # and the right one
+        assert any(ln.startswith(f"[rlora] {r['method']}/proportional/seed 7 | run {r['run_name']}:")
+                   for ln in run_lines), run_lines
     worker_logs = list((out / "runs").glob("*/logs/worker-0.log"))
     assert len(worker_logs) == 2 and all(p.stat().st_size > 0 for p in worker_logs)
     assert (out / "logs" / "compare.log").is_file()  # Ray's start-up lines (and cells run at once) go there

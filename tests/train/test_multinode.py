@@ -77,6 +77,10 @@ def test_lost_node_recovers_when_capacity_returns(two_node_cluster, tiny_model_d
         if max(steps or [0]) >= 5:
             break
         time.sleep(0.5)
+    # the console queue lives on the driver's node, so losing the worker node cannot take it along
+    head = ray.get_runtime_context().get_node_id()
+    queues = [a for a in ray.state.actors().values() if a["ActorClassName"] == "_QueueActor" and a["State"] == "ALIVE"]
+    assert queues and all(a["Address"]["NodeID"] == head for a in queues), queues
     worker_node = [n for n in two_node_cluster.worker_nodes][0]
     two_node_cluster.remove_node(worker_node)          # the node and the rank on it are gone
     time.sleep(5)
