@@ -121,7 +121,7 @@ def test_zero3_evaluation_with_uneven_shards_finishes(local_ray, tiny_model_dir,
     data = write_tasks(tmp_path / "data", n_train=12, n_dev=5)
     cfg = run_config(tiny_model_dir, data, tmp_path, deepspeed__stage=3, trainer__max_steps=2, trainer__save_steps=100,
                      trainer__per_device_eval_batch_size=2, trainer__run_name="z3-eval", mlflow__enabled=False,
-                     eval__max_examples_per_task=None)
+                     eval__max_examples_per_task="null")
     out: dict = {}
     th = threading.Thread(target=lambda: out.setdefault("res", run_training(cfg)), daemon=True)
     th.start()
