@@ -29,7 +29,8 @@ def ray_head(tmp_path):
                     "--temp-dir", str(temp), "--disable-usage-stats",
                     # the agents' fixed default ports would collide with any other Ray on this machine
                     "--dashboard-agent-listen-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-                    "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port())], check=True, env=env, capture_output=True)
+                    "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port())],
+                   check=True, env=env, capture_output=True)
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
@@ -113,7 +114,6 @@ def test_submit_without_a_source_checkout_is_refused_before_contacting_the_clust
     with pytest.raises(ConfigError, match=r"has no jobs/train.py .* run it from a clone installed with"):
         submit(str(REPO_ROOT / "examples" / "configs" / "cpu_demo.yaml"), [], "http://127.0.0.1:9", wait=False,
                working_dir=tmp_path)
-
 
 
 def test_no_wait_returns_while_the_job_still_runs_with_its_entrypoint_cpus(ray_head, tiny_model_dir, tmp_path):

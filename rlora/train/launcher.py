@@ -216,9 +216,9 @@ def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
     import contextvars
     import threading
 
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    import ray
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -389,9 +389,7 @@ class Trainer:
                                       max_examples_per_task=cfg.eval.max_examples_per_task, rank=rank,
                                       world_size=world, progress=False)
             model.train()
-        if whole:
-            return {t: merge_metrics([part[t]]) for t in self.data.dev}
-        parts = gather_objects(part)
+        parts = [part] if whole else gather_objects(part)
         return {t: merge_metrics([p[t] for p in parts]) for t in self.data.dev}
 
     def _say(self, line: str) -> None:
