@@ -140,3 +140,26 @@ def test_gpu_check_dry_run_prints_one_json_line_per_figure():
         assert e2e[f"{model}_rlora_vs_hf_peft"]["backend"] == "gloo"
     layer = {x["figure"] for x in lines if x["check"] == "layer_overhead"}
     assert {"lora_vs_base", "hydra_vs_base", "rlora_vs_base", "mtl_vs_base"} <= layer
+
+
+@pytest.mark.slow
+def test_demo_steps_trains_each_cell_once_and_reports_paired_intervals(tiny_model_dir, tmp_path, capsys):
+    import demo_steps
+
+    args = ["--steps", "1,2", "--seeds", "3", "--out", str(tmp_path), "--local", "--n-boot", "200", "--json",
+            f"model.name_or_path={tiny_model_dir}", "eval.max_examples_per_task=3", "diagnostics.enabled=false",
+            "mlflow.enabled=false", "eval.before_training=false"]
+    figs = demo_steps.main(args)
+    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    assert cells == ["steps1-seed3.json", "steps2-seed3.json"]
+    record = json.loads((tmp_path / "cells" / "steps1-seed3.json").read_text())
+    assert "trainer.max_steps=1" in record["overrides"] and len(record["correct"]) == 6
+    for stat in ("mean", "worst"):
+        f = figs[f"steps1_minus_steps2_{stat}_accuracy"]
+        assert f["lo"] <= f["value"] <= f["hi"] and f["seeds"] == [3]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["figures"] == figs
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+    assert demo_steps.main(args) == figs  # a re-run trains nothing and reports the same
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == before
+    with pytest.raises(SystemExit, match="use another --out"):
+        demo_steps.main([*args, "trainer.learning_rate=0.5"])
