@@ -13,8 +13,8 @@ interval (seeds, then dev rows: :func:`rlora.compare.stats.paired_differences`).
 """
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 import time
 import uuid
@@ -31,9 +31,9 @@ def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
-        raise SystemExit(f"expected at least one integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
     return values
 
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int_list, help="step counts; the longest is the reference (default 60,40)")
     p.add_argument("--seeds", type=int_list, help="trainer.seed of each cell (default 42,43)")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo_steps", help="cells and runs folder")
+    p.add_argument("--out", type=Path, help="cells and runs folder (default outputs/demo_steps, --quick: "
+                                            "outputs/demo_steps_quick)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--local", action="store_true", help="train the cells in this process instead of on Ray")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every cell (e.g. eval.max_examples_per_task=20)")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = sorted(args.steps or ([4, 2] if args.quick else [60, 40]), reverse=True)
     seeds = args.seeds or ([42] if args.quick else [42, 43])
     extra = (["eval.max_examples_per_task=4", "diagnostics.enabled=false"] if args.quick else []) + args.overrides
-    out = args.out if not args.quick or args.out != p.get_default("out") else args.out.with_name("demo_steps_quick")
+    out = args.out or ROOT / "outputs" / ("demo_steps_quick" if args.quick else "demo_steps")
     (out / "cells").mkdir(parents=True, exist_ok=True)
 
     cells: dict[tuple[int, int], dict] = {}
