@@ -70,7 +70,12 @@ class _Clock:
         self.train_t0: Optional[float] = None  # steady state: after the first step
         self.train_tokens = 0
         self.side_s = 0.0
-        self.window_t0, self.window_tokens = time.time(), 0
+        self.window_t0, self.window_tokens, self.window_side0 = time.time(), 0, 0.0
+
+    def start_loop(self) -> None:
+        """The training loop starts: the first progress window starts here, not at setup."""
+        self.loop_start = self.window_t0 = time.time()
+        self.window_tokens, self.window_side0 = 0, self.side_s
 
     @contextlib.contextmanager
     def side(self) -> Iterator[None]:
@@ -89,10 +94,10 @@ class _Clock:
             self.train_t0 = time.time()
 
     def window(self) -> tuple[int, float]:
-        """Tokens and seconds since the last call."""
+        """Tokens and training seconds (side work left out) since the last call."""
         now = time.time()
-        out = (self.window_tokens, now - self.window_t0)
-        self.window_t0, self.window_tokens = now, 0
+        out = (self.window_tokens, now - self.window_t0 - (self.side_s - self.window_side0))
+        self.window_t0, self.window_tokens, self.window_side0 = now, 0, self.side_s
         return out
 
     def train_seconds(self) -> Optional[float]:
@@ -130,7 +135,7 @@ class Trainer:
                   f"{self.data.rows} train rows, {self.total_steps} steps, {self.world} process(es) x ZeRO-"
                   f"{self.cfg.deepspeed.stage}, {self.trainable:,} trainable parameters")
         self.engine.train()
-        self.clock.loop_start = time.time()
+        self.clock.start_loop()
         while self.step < self.total_steps:
             task_loss, step_loss = self.train_step()
             conflict = self.diagnose()

@@ -265,3 +265,27 @@ def test_num_to_keep_keeps_the_newest_checkpoints(tiny_model_dir, task_dir, tmp_
         train_local(knob_cfg(tiny_model_dir, task_dir, tmp_path, trainer__max_steps=5, trainer__save_steps=1,
                              ray__num_to_keep=keep), progress=False, checkpoint_dir=str(ckpts))
         assert sorted(p.name for p in ckpts.glob("checkpoint_*")) == [f"checkpoint_{s:06d}" for s in range(6 - keep, 6)]
+
+
+def test_progress_window_leaves_out_setup_and_side_work(monkeypatch):
+    """The progress line's tok/s: the first window starts with the loop (not at setup), and time in
+    diagnostics/evaluation/checkpoints is not counted as training time."""
+    from rlora.train import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "time", lambda: now[0])
+    clock = loop._Clock()
+    now[0] = 160.0  # 60 s of setup
+    clock.start_loop()
+    now[0] = 170.0
+    clock.step_done(500)
+    with clock.side():
+        now[0] = 185.0  # 15 s of diagnostics
+    now[0] = 195.0
+    clock.step_done(700)
+    assert clock.window() == (1200, 20.0)  # 35 s since the loop started, 15 of them side work
+    with clock.side():
+        now[0] = 200.0  # a checkpoint after the progress line counts against no window
+    now[0] = 204.0
+    clock.step_done(300)
+    assert clock.window() == (300, 4.0)
