@@ -1,0 +1,216 @@
+"""Mutation testing of the modules that carry correctness claims (``make mutate``; not part of ``make test``).
+
+Each group below is a set of source files and the small, fast test files that cover them (tiny models, no
+Ray, ``-m "not slow"``). For every group this script
+
+1. exports ``rlora/``, ``tests/`` and ``pyproject.toml`` of a git revision (default ``HEAD``; the working
+   tree with ``--worktree``) into ``build/mutation/<group>/``, so the checkout itself is never mutated;
+2. writes that copy's ``setup.cfg`` ``[mutmut]`` section (files to mutate, tests to run) and runs
+   ``mutmut run --max-children 1`` there under ``nice -n 10`` with one torch/OpenMP thread. mutmut first
+   runs the group's tests once and records which tests reach which function, then runs, for each mutant,
+   only the tests that reach the mutated function;
+3. writes ``benchmarks/results/mutation/<group>.json``: the kill rate per file, every surviving mutant with
+   its diff and its note from ``benchmarks/results/mutation/notes.toml`` (why it is equivalent, or why it is
+   left), and the wall time. ``summary.md`` there is rebuilt from all group reports.
+
+Kill rate = (killed + timeout + segfault) / all mutants; a mutant that no selected test reaches
+("no tests") counts as not killed. mutmut's names (``rlora.layers.base.xǁMultiHeadLoRALinearǁforward__mutmut_3``)
+number the mutations within one function, so a note stays attached as long as that function is unchanged.
+
+Usage: ``python tools/mutate.py [GROUP ...] [--rev REV | --worktree] [--list]``; ``mutmut show NAME`` and
+``mutmut browse`` in ``build/mutation/<group>/`` show the details of the last run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "mutation"
+RESULTS = ROOT / "benchmarks" / "results" / "mutation"
+NOTES = RESULTS / "notes.toml"
+DETECTED = ("killed", "timeout", "segfault")
+
+# group: (files to mutate, test files that cover them). Order: the acceptance modules first.
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "layers": (["rlora/layers/*.py"],
+               ["tests/layers/test_layers.py", "tests/layers/test_dropout.py", "tests/layers/test_fused.py"]),
+    "compare_stats": (["rlora/compare/stats.py", "rlora/compare/bootstrap.py"],
+                      ["tests/compare/test_stats.py", "tests/compare/test_stats_exact.py",
+                       "tests/compare/test_bootstrap.py"]),
+    "batches": (["rlora/train/batches.py"], ["tests/train/test_batches.py"]),
+    "compare_rest": (["rlora/compare/budget.py", "rlora/compare/cells.py", "rlora/compare/grid.py",
+                      "rlora/compare/report.py", "rlora/compare/summary.py"],
+                     ["tests/compare/test_budget.py", "tests/compare/test_cells.py", "tests/compare/test_grid.py",
+                      "tests/compare/test_report.py"]),
+    "sampler": (["rlora/sampler/*.py"],
+                ["tests/sampler/test_strategies.py", "tests/sampler/test_dynamic.py", "tests/sampler/test_budget.py",
+                 "tests/sampler/test_errors.py", "tests/sampler/test_resume.py"]),
+    "fold": (["rlora/export/fold.py"], ["tests/export/test_fold.py"]),
+}
+
+
+def export_tree(dest: Path, rev: str | None) -> str:
+    """Copy rlora/, tests/ and pyproject.toml of ``rev`` (None: the working tree) into ``dest``; returns a label."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    paths = ["rlora", "tests", "pyproject.toml"]
+    if rev is None:
+        for p in paths:
+            src = ROOT / p
+            if src.is_dir():
+                shutil.copytree(src, dest / p, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(src, dest / p)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return f"working tree on {head.stdout.strip()}"
+    archive = subprocess.run(["git", "archive", rev, *paths], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True)
+    return sha.stdout.strip()
+
+
+def write_config(dest: Path, files: list[str], tests: list[str]) -> None:
+    """The ``[mutmut]`` section (pyproject.toml has none, so mutmut reads setup.cfg)."""
+    lines = ["[mutmut]", "source_paths = rlora", "only_mutate ="] + [f"    {f}" for f in files]
+    lines += ["pytest_add_cli_args =", "    -m", "    not slow", "    -p", "    no:cacheprovider", "    -q"]
+    lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
+    (dest / "setup.cfg").write_text("\n".join(lines) + "\n")
+
+
+def module_of(name: str) -> str:
+    """``rlora.layers.base.xǁCǁf__mutmut_3`` -> ``rlora/layers/base.py``."""
+    return name.rsplit(".", 1)[0].replace(".", "/") + ".py"
+
+
+def collect(dest: Path) -> dict[str, str]:
+    """mutant name -> status, from the ``.meta`` files mutmut leaves next to each mutated file."""
+    from mutmut.stats import status_by_exit_code
+    out = {}
+    for meta in sorted((dest / "mutants").rglob("*.py.meta")):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            out[name] = status_by_exit_code[code]
+    return out
+
+
+def diff_of(dest: Path, mutmut: str, name: str) -> str:
+    shown = subprocess.run([mutmut, "show", name], cwd=dest, capture_output=True, text=True)
+    lines = [ln for ln in shown.stdout.splitlines() if ln.startswith(("-", "+")) and not ln.startswith(("---", "+++"))]
+    return "\n".join(lines)
+
+
+def run_group(group: str, rev: str | None, notes: dict) -> dict:
+    files, tests = GROUPS[group]
+    dest = WORK / group
+    source = export_tree(dest, rev)
+    write_config(dest, files, tests)
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONHASHSEED="0")
+    t0 = time.monotonic()
+    with open(dest / "mutmut.log", "w") as log:
+        rc = subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", "1"], cwd=dest, env=env,
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.monotonic() - t0
+    if rc != 0:
+        tail = (dest / "mutmut.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"mutate: mutmut failed for group {group!r} (exit {rc}); last lines of "
+                         f"{dest / 'mutmut.log'}:\n{tail}")
+    status = collect(dest)
+    per_module: dict[str, Counter] = {}
+    for name, st in status.items():
+        per_module.setdefault(module_of(name), Counter())[st] += 1
+    modules = {}
+    for mod, c in sorted(per_module.items()):
+        total = sum(c.values())
+        killed = sum(c[s] for s in DETECTED)
+        modules[mod] = {"mutants": total, "killed": killed, "kill_rate": round(killed / total, 4) if total else None,
+                        "by_status": dict(sorted(c.items()))}
+    survivors = []
+    for name, st in sorted(status.items()):
+        if st in DETECTED:
+            continue
+        note = notes.get(name, {})
+        survivors.append({"name": name, "status": st, "diff": diff_of(dest, mutmut, name),
+                          "verdict": note.get("verdict", "unexplained"), "why": note.get("why", "")})
+    total = sum(m["mutants"] for m in modules.values())
+    killed = sum(m["killed"] for m in modules.values())
+    return {"group": group, "source": source, "files": files, "tests": tests,
+            "mutmut": _version(), "wall_s": round(wall, 1),
+            "total": {"mutants": total, "killed": killed, "kill_rate": round(killed / total, 4) if total else None},
+            "modules": modules, "survivors": survivors}
+
+
+def _version() -> str:
+    from importlib.metadata import version
+    return version("mutmut")
+
+
+def summary(reports: list[dict]) -> str:
+    lines = ["# Mutation testing (`make mutate`)", "",
+             "Written by `tools/mutate.py` from the group reports beside this file; survivors' notes come from "
+             "`notes.toml`. Kill rate = (killed + timeout + segfault) / mutants.", "",
+             "| group | source | file | mutants | killed | kill rate | survivors (equivalent / left / unexplained) |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in reports:
+        for mod, m in r["modules"].items():
+            surv = [s for s in r["survivors"] if module_of(s["name"]) == mod]
+            v = Counter(s["verdict"] for s in surv)
+            lines.append(f"| {r['group']} | {r['source']} | `{mod}` | {m['mutants']} | {m['killed']} | "
+                         f"{100 * m['kill_rate']:.1f} % | {len(surv)} ({v['equivalent']} / {v['left']} / "
+                         f"{v['unexplained']}) |")
+    lines += ["", "| group | mutmut | wall time (2 cores shared, nice 10, one process) | tests |", "|---|---|---:|---|"]
+    for r in reports:
+        lines.append(f"| {r['group']} | {r['mutmut']} | {r['wall_s'] / 60:.1f} min | "
+                     + ", ".join(f"`{t}`" for t in r["tests"]) + " |")
+    for r in reports:
+        if not r["survivors"]:
+            continue
+        lines += ["", f"## Survivors: {r['group']}", ""]
+        for s in r["survivors"]:
+            diff = s["diff"].replace("\n", "` / `") if s["diff"] else "(no diff)"
+            why = f": {s['why']}" if s["why"] else ""
+            lines.append(f"- `{s['name']}` ({s['status']}), **{s['verdict']}**{why}  \n  `{diff}`")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("groups", nargs="*", help=f"groups to run (default: all): {', '.join(GROUPS)}")
+    ap.add_argument("--rev", default="HEAD", help="git revision to mutate (default HEAD)")
+    ap.add_argument("--worktree", action="store_true", help="mutate the working tree instead of --rev")
+    ap.add_argument("--list", action="store_true", help="print the groups and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for g, (files, tests) in GROUPS.items():
+            print(f"{g}: {' '.join(files)}  <-  {' '.join(tests)}")
+        return 0
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown:
+        print(f"mutate: unknown group {unknown[0]!r}: use one of {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    notes = tomllib.loads(NOTES.read_text()) if NOTES.exists() else {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for g in args.groups or list(GROUPS):
+        print(f"mutate: {g} ...", flush=True)
+        rep = run_group(g, None if args.worktree else args.rev, notes)
+        (RESULTS / f"{g}.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
+        t = rep["total"]
+        print(f"mutate: {g}: {t['killed']}/{t['mutants']} killed ({100 * t['kill_rate']:.1f} %), "
+              f"{len(rep['survivors'])} survivors, {rep['wall_s'] / 60:.1f} min", flush=True)
+    reports = [json.loads((RESULTS / f"{g}.json").read_text()) for g in GROUPS if (RESULTS / f"{g}.json").exists()]
+    (RESULTS / "summary.md").write_text(summary(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
