@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -12,6 +13,8 @@ from helpers import free_port, write_tasks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tokenised rows of the tests' throw-away task folders go to a scratch folder, not the user's cache
+os.environ.setdefault("RLORA_TOKEN_CACHE", tempfile.mkdtemp(prefix="rlora-test-tokens-"))
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ without ``{split}`` is the ``train`` split only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import DataError
 from .example import Example, OptionsInterner, check_options_list, check_unique_ids, make_example
@@ -63,13 +63,26 @@ def _source_path(hf_source: str, split: str, name: str) -> Path:
 def read_hf_source(name: str, hf_source: str, columns: dict[str, str] | None = None,
                    split: str = "train") -> list[Example]:
     """Read task ``name`` from a local datasets source; see the module docstring for the conventions."""
+    return list(iter_hf_source(name, hf_source, columns, split))
+
+
+def source_path(hf_source: str, split: str, name: str) -> Path:
+    """The file or folder ``hf_source`` names for ``split`` (one-line :class:`DataError` if it is missing)."""
+    path = _source_path(hf_source, split, name)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: fix data.tasks[{name}].hf_source")
+    return path
+
+
+def iter_hf_source(name: str, hf_source: str, columns: dict[str, str] | None = None,
+                   split: str = "train") -> Iterator[Example]:
+    """:func:`read_hf_source` as a stream (the source is read row by row from its Arrow map; the checks
+    that need every row raise after the last one)."""
     columns = dict(columns or {})
     for key in columns:
         if key not in COLUMN_KEYS:
             raise DataError(f"data.tasks[{name}].columns: unknown key {key!r}: use {', '.join(COLUMN_KEYS)}")
-    path = _source_path(hf_source, split, name)
-    if not path.exists():
-        raise DataError(f"{path} does not exist: fix data.tasks[{name}].hf_source")
+    path = source_path(hf_source, split, name)
     ds = _load_dataset(path, split, name)
     names = list(ds.column_names)
 
@@ -88,8 +101,7 @@ def read_hf_source(name: str, hf_source: str, columns: dict[str, str] | None = N
     c_options, c_id, c_task = column("options", False), column("id", False), column("task", False)
     class_names = _class_label_names(ds.features.get(c_target))
     intern = OptionsInterner()
-    examples: list[Example] = []
-    located: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for index, rec in enumerate(ds):
         if c_task is not None and rec[c_task] != name:
             continue
@@ -110,13 +122,12 @@ def read_hf_source(name: str, hf_source: str, columns: dict[str, str] | None = N
             return None if value is None else intern(check_options_list(list(value) if isinstance(value, tuple)
                                                                         else value, where))
 
-        examples.append(make_example(row, where, name, resolve))
-        located.append((examples[-1].id, where))
-    if not examples:
+        ex = make_example(row, where, name, resolve)
+        check_unique_ids(((ex.id, where),), seen)
+        yield ex
+    if not seen:
         which = f" with {c_task} == {name!r}" if c_task else ""
         raise DataError(f"{path}: no rows{which}, so task {name} is empty: add rows or fix the column mapping")
-    check_unique_ids(located)
-    return examples
 
 
 def _class_label_names(feature: Any) -> Optional[list[str]]:

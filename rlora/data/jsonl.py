@@ -93,6 +93,11 @@ def read_task_dir(folder: str | Path, split: str = "train", task: str | None = N
     of the other ``*.jsonl`` files in the folder are read too, and an id that occurs twice in the task
     is an error. Every problem raises :class:`DataError` with a one-line message.
     """
+    return list(iter_task_dir(folder, split, task, check_ids_across_files))
+
+
+def task_file(folder: str | Path, split: str = "train") -> Path:
+    """``<folder>/<split>.jsonl``, checked to exist (one-line :class:`DataError` otherwise)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"task folder {folder} does not exist: check data.path and the task name")
@@ -101,23 +106,30 @@ def read_task_dir(folder: str | Path, split: str = "train", task: str | None = N
         have = sorted(p.stem for p in folder.glob("*.jsonl"))
         raise DataError(f"{path} does not exist (splits here: {', '.join(have) or 'none'}): add {path.name} "
                         "or choose another split")
+    return path
+
+
+def iter_task_dir(folder: str | Path, split: str = "train", task: str | None = None,
+                  check_ids_across_files: bool = True) -> Iterator[Example]:
+    """:func:`read_task_dir` as a stream: the rows are yielded as they are read (memory: the ids seen so
+    far, not the rows), and the checks that need the whole file (empty file, ids across files) raise
+    after the last row."""
+    folder = Path(folder)
+    path = task_file(folder, split)
     name = task or folder.name
     resolve = _OptionsResolver(folder)
-    examples: list[Example] = []
-    located: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for lineno, row in iter_jsonl(path):
         where = f"{path}:{lineno}"
         resolve.where = where
         ex = make_example(row, where, name, resolve)
-        examples.append(ex)
-        located.append((ex.id, where))
-    if not examples:
+        check_unique_ids(((ex.id, where),), seen)
+        yield ex
+    if not seen:
         raise DataError(f"{path}: no rows, so task {name} is empty: add rows or remove the task")
-    seen = check_unique_ids(located)
     if check_ids_across_files:
         for other in sorted(folder.glob("*.jsonl")):
             if other == path:
                 continue
             check_unique_ids(((str(row.get("id")), f"{other}:{lineno}")
                               for lineno, row in iter_jsonl(other) if "id" in row), seen)
-    return examples

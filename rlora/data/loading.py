@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .errors import DataError
 from .example import Example
-from .hf_source import read_hf_source
-from .jsonl import read_task_dir
+from .hf_source import iter_hf_source, source_path
+from .jsonl import iter_task_dir, task_file
 
 
 def task_specs(data_cfg) -> list:
@@ -52,20 +52,44 @@ def _task_folder(spec, data_cfg) -> Path:
 
 def load_task(spec, data_cfg, split: str = "train") -> list[Example]:
     """Read one task (folder or ``hf_source``) and apply its example limits."""
-    if spec.hf_source:
-        examples = read_hf_source(spec.name, spec.hf_source, spec.columns, split)
-    else:
-        if spec.columns:
-            raise DataError(f"data.tasks[{spec.name}].columns is only used with hf_source: set hf_source or drop columns")
-        examples = read_task_dir(_task_folder(spec, data_cfg), split, task=spec.name)
+    return list(iter_task(spec, data_cfg, split))
+
+
+def row_cap(spec, data_cfg, split: str = "train") -> Optional[int]:
+    """The number of leading rows a task keeps: the smallest of ``data.tasks[].max_examples`` and (train
+    only) ``data.max_train_examples_per_task``; ``None`` for every row."""
     limits = [spec.max_examples]
     if split == "train":
         limits.append(data_cfg.max_train_examples_per_task)
     for field, limit in zip(("data.tasks[%s].max_examples" % spec.name, "data.max_train_examples_per_task"), limits):
         if limit is not None and limit < 1:
             raise DataError(f"{field} must be >= 1 (or null for all rows), got {limit}")
-    cap = min((x for x in limits if x is not None), default=None)
-    return examples if cap is None else examples[:cap]
+    return min((x for x in limits if x is not None), default=None)
+
+
+def iter_task(spec, data_cfg, split: str = "train") -> Iterator[Example]:
+    """The rows of one task as a stream, limits applied. Rows past the cap are still read and checked
+    (a bad row anywhere in the file is an error, as when the whole task is loaded)."""
+    if spec.hf_source:
+        rows = iter_hf_source(spec.name, spec.hf_source, spec.columns, split)
+    else:
+        if spec.columns:
+            raise DataError(f"data.tasks[{spec.name}].columns is only used with hf_source: set hf_source or drop columns")
+        rows = iter_task_dir(_task_folder(spec, data_cfg), split, task=spec.name)
+    cap = row_cap(spec, data_cfg, split)
+    for i, ex in enumerate(rows):
+        if cap is None or i < cap:
+            yield ex
+
+
+def source_files(spec, data_cfg, split: str = "train") -> list[Path]:
+    """The files whose content decides a task's rows for ``split``: the split's JSONL file and the ``.json``
+    label files beside it, or every file of an ``hf_source`` (a folder is walked)."""
+    if spec.hf_source:
+        path = source_path(spec.hf_source, split, spec.name)
+        return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    folder = _task_folder(spec, data_cfg)
+    return [task_file(folder, split)] + sorted(folder.glob("*.json"))
 
 
 def load_tasks(data_cfg, split: str = "train") -> dict[str, list[Example]]:

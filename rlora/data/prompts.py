@@ -53,3 +53,42 @@ def build_prompt(example: Example, tokenizer, use_chat_template: bool = True, te
 def answer_text(target: str, tokenizer, use_chat_template: bool = True) -> str:
     """The answer as it follows the prompt: the target, after a space in the plain layout."""
     return target if uses_chat_template(tokenizer, use_chat_template) else " " + target
+
+
+_PROBE_BODY = "  x {input} {{y}} {% raw %}\n\n\t<|im_end|> é ∑  "
+
+
+class PromptRenderer:
+    """:func:`build_prompt` for many rows of one task, with the chat template rendered once.
+
+    The template is rendered with a marker as the user message; when that rendering splits into
+    ``prefix + marker + suffix`` and the same split reproduces the real rendering of a probe body full of
+    spaces, newlines, braces and special-token text, every row's prompt is ``prefix + body + suffix``
+    (the template places the message verbatim). Otherwise each row is rendered by the template, as
+    :func:`build_prompt` does. The result is the same string either way; only the cost differs.
+    """
+
+    MARKER = "\u0000rlora-body\u0000"
+
+    def __init__(self, tokenizer, use_chat_template: bool = True, template: Optional[str] = None) -> None:
+        self.tokenizer, self.use_chat_template, self.template = tokenizer, use_chat_template, template
+        self.chat = uses_chat_template(tokenizer, use_chat_template)
+        self.split: Optional[tuple[str, str]] = None
+        if self.chat:
+            marked = self._render(self.MARKER)
+            if marked.count(self.MARKER) == 1:
+                prefix, suffix = marked.split(self.MARKER)
+                if prefix + _PROBE_BODY + suffix == self._render(_PROBE_BODY):
+                    self.split = (prefix, suffix)
+
+    def _render(self, body: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def __call__(self, example: Example) -> str:
+        body = prompt_body(example, self.template)
+        if not self.chat:
+            return body + PLAIN_ANSWER_CUE
+        if self.split is None:
+            return self._render(body)
+        return self.split[0] + body + self.split[1]

@@ -11,7 +11,7 @@ import logging
 from typing import Mapping, Optional, Sequence
 
 from .example import Example
-from .prompts import answer_text, build_prompt, uses_chat_template
+from .prompts import PromptRenderer, answer_text, build_prompt, uses_chat_template
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class TokenizedTask(list):
 def tokenize_task(tokenizer, name: str, examples: Sequence[Example], max_length: int,
                   use_chat_template: bool = True, template: Optional[str] = None) -> TokenizedTask:
     """Batch-tokenised equivalent of ``[encode_example(tokenizer, ex, ...) for ex in examples]``."""
-    prompts = [build_prompt(ex, tokenizer, use_chat_template, template) for ex in examples]
+    render = PromptRenderer(tokenizer, use_chat_template, template)
+    prompts = [render(ex) for ex in examples]
     prompt_ids = prompt_token_ids(tokenizer, prompts, use_chat_template) if prompts else []
     answers: dict[str, list[int]] = {}
     out = TokenizedTask(name)

@@ -32,7 +32,7 @@ def make_probe(features: Mapping[str, Sequence[dict]], task_names: Sequence[str]
         raise DiagnosticsError(f"make_probe: tasks {unknown} are not in task_names {list(task_names)}")
     probe = {}
     for tid, name in enumerate(task_names):
-        rows = list(features.get(name, ()))[:per_task]
+        rows = list(features.get(name, ())[:per_task])  # a slice: a mapped task is not read whole
         if rows:
             probe[name] = left_padded_batch(rows, pad_token_id, [tid] * len(rows))
     return probe

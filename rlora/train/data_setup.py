@@ -3,11 +3,14 @@ dev rows, and the sampler that gives this rank its slice of every global batch. 
 preflight and every training process build them with the same functions."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tasks(cfg: RunConfig, data_names: list[str]) -> list[str]:
@@ -65,6 +68,7 @@ class TrainData:
     truncated: dict[str, Any]
     sampler: Any
     total_steps: int
+    cache_note: str = ""
 
     @property
     def rows(self) -> int:
@@ -72,14 +76,21 @@ class TrainData:
 
 
 def load_train_data(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> TrainData:
-    from ..data import load_tasks, prompt_templates, tokenize_tasks, truncation_counts
+    """The training rows come from the on-disk token cache (:mod:`rlora.data.token_cache`): built by the
+    first process of the node that needs it, memory-mapped by all; ``tokenized[task][i]`` reads row ``i``
+    from the map. The dev rows are read whole (evaluation scores every one of them)."""
+    from ..data import load_tasks
+    from ..data.token_cache import open_or_build
 
-    train = load_tasks(cfg.data, "train")
-    names = resolve_tasks(cfg, list(train))
+    cache = open_or_build(cfg.data, tokenizer)
+    names = resolve_tasks(cfg, cache.names)
     dev = load_tasks(cfg.data, cfg.eval.split) if cfg.eval.max_examples_per_task != 0 else {}
-    tokenized = tokenize_tasks(tokenizer, train, cfg.data.max_length, cfg.data.use_chat_template,
-                               templates=prompt_templates(cfg.data))
+    tokenized = cache.tasks
+    truncated = {n: t.num_truncated for n, t in tokenized.items()}
+    for name, count in truncated.items():
+        if count:
+            log.warning("task %s: %d of %d rows longer than max_length=%d were truncated from the left of the prompt",
+                        name, count, len(tokenized[name]), cfg.data.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = build_sampler(cfg, [len(tokenized[n]) for n in names], names, rank, world_size)
-    return TrainData(names, tokenized, dev, pad_id, truncation_counts(tokenized), sampler,
-                     optimizer_steps(cfg, sampler))
+    return TrainData(names, tokenized, dev, pad_id, truncated, sampler, optimizer_steps(cfg, sampler), cache.note())

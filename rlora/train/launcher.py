@@ -55,10 +55,19 @@ def preflight(cfg: RunConfig) -> RunConfig:
     if not cfg.data.path and not cfg.data.tasks:
         raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task "
                           "(e.g. examples/data/bigbench_default)")
-    train = load_tasks(cfg.data, "train")
+    # the training rows: counted from the token cache when it is built (no row is read), else read and
+    # checked as a stream without tokenising (the first worker of each node builds the cache)
+    from ..data.token_cache import cached_sizes, check_rows
+    from ..models import ModelLoadError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except ModelLoadError:
+        tokenizer = None  # reported by the model check below, after the data's own errors
+    sizes = (cached_sizes(cfg.data, tokenizer) if tokenizer is not None else None) or check_rows(cfg.data, "train")
     load_tasks(cfg.data, cfg.eval.split)
-    names = resolve_tasks(cfg, list(train))
-    build_sampler(cfg, [len(v) for v in train.values()], names, 0, cfg.ray.num_workers)
+    names = resolve_tasks(cfg, list(sizes))
+    build_sampler(cfg, [sizes[n] for n in names], names, 0, cfg.ray.num_workers)
     # model: the weights are prepared once here (not raced by the workers); the target modules are
     # checked against a meta-device copy, which allocates nothing
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -117,7 +126,7 @@ def _ray_init(cfg: RunConfig, verbose: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RLORA_CACHE", "RLORA_SMOLLM2_WHEEL", "MLFLOW_TRACKING_URI",
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RLORA_CACHE", "RLORA_TOKEN_CACHE", "RLORA_SMOLLM2_WHEEL", "MLFLOW_TRACKING_URI",
                                       "HF_HOME", "RLORA_SHARED_LOCAL_STORAGE") if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", str(int(cfg.ray.resources_per_worker.get("CPU", 1))))

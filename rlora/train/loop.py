@@ -159,6 +159,7 @@ class Trainer:
             self.tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         self.data = load_train_data(cfg, self.tokenizer, self.rank, self.world)
         self.total_steps = self.data.total_steps
+        self._say(self.data.cache_note)
 
     def build_model(self) -> None:
         from ..inject import count_parameters, inject
