@@ -40,7 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     text = Path(args.config).read_text(encoding="utf-8")
-    result = run_training(cfg, config_yaml=text, local=args.local, verbose=args.verbose)
+    from .tracking.run_record import command_line
+
+    argv = ["rlora", "train", args.config, *args.overrides] + ["--local"] * args.local + ["--verbose"] * args.verbose
+    result = run_training(cfg, config_yaml=text, local=args.local, verbose=args.verbose, command=command_line(argv))
     s = result.summary
     print("\n[rlora] per-task dev accuracy (examples not trained on):")
     print(results_table(s))

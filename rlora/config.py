@@ -322,6 +322,8 @@ class MlflowConfig(_Section):
     experiment_name: Optional[str] = Field(None, description="default: $MLFLOW_EXPERIMENT_NAME or 'rlora'")
     artifact_location: Optional[str] = None
     log_artifacts: bool = True
+    log_system_metrics: bool = Field(True, description="CPU/memory/disk/GPU of rank 0's node as system/* "
+                                     "metrics (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)")
     parent_run_id: Optional[str] = Field(None, description="log the run as a child of this MLflow run (rlora compare)")
 
 

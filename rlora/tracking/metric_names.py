@@ -7,10 +7,14 @@ Names (``<type>`` = wrapped module kind such as ``q_proj``, so the count does no
     diag/head_cos_learned/{mean,max,<type>}    learned updates: cos((B_i − B_i⁰) A, (B_j − B_j⁰) A)
     diag/head_cos_effective/{mean,max,<type>}  effective per-head ΔW: cos(B_i A − B̄⁰A⁰, B_j A − B̄⁰A⁰)
     diag/head_norm/{mean,<type>}               diag/eff_rank/{mean,min,<type>}
-    diag/router_entropy/{<task>,mean}          diag/router_usage/<task>/head<i>
-    diag/mtl_mix/<task>/head<i>                diag/lambda_dev/{<task>,mean}
+    diag/router_entropy/{<task>,mean}          diag/router_usage/<task>_head<i>
+    diag/mtl_mix/<task>_head<i>                diag/lambda_dev/{<task>,mean}
     diag/interference/<a>__<b> (a before b)    diag/interference/{mean,min}
     diag/interference_task/<task>              diag/seconds
+
+MLflow's run page groups charts by the name up to its last ``/`` and titles each chart with the
+rest, so every family above is one group (``diag/router_usage``: one chart per task and head, not one
+group per task).
 
 (``head_cos_learned`` and ``head_cos_effective`` equal ``head_cos_BA`` for the zero-initialised
 methods; for R-LoRA they separate the learned part from the random init, see
@@ -94,14 +98,14 @@ def flatten(d) -> dict[str, float]:
             s = seg.get(name, metric_segment(name))
             m[f"{PREFIX}/router_entropy/{s}"] = float(d.router["entropy"][k])
             for i, u in enumerate(d.router["usage"][k]):
-                m[f"{PREFIX}/router_usage/{s}/head{i}"] = float(u)
+                m[f"{PREFIX}/router_usage/{s}_head{i}"] = float(u)
         m[f"{PREFIX}/router_entropy/mean"] = float(np.mean(d.router["entropy"]))
     if d.mtl is not None:
         rows = d.mtl["mixing"].shape[0]
         labels = tasks if len(tasks) == rows else [f"task{k}" for k in range(rows)]
         for k, s in enumerate(labels):
             for i, u in enumerate(d.mtl["mixing"][k]):
-                m[f"{PREFIX}/mtl_mix/{s}/head{i}"] = float(u)
+                m[f"{PREFIX}/mtl_mix/{s}_head{i}"] = float(u)
             m[f"{PREFIX}/lambda_dev/{s}"] = float(d.mtl["lambda_dev"][k])
         m[f"{PREFIX}/lambda_dev/mean"] = float(np.mean(d.mtl["lambda_dev"]))
     if d.interference is not None:

@@ -98,8 +98,24 @@ def ensure_experiment(uri: str, name: str, artifact_location: Optional[str]) -> 
         raise _unreachable(uri, err) from None
 
 
-def start_or_resume_run(cfg: RunConfig, run_name: str, config_yaml: Optional[str] = None) -> tuple[str, bool]:
-    """(run_id, resumed). A run with the same ``rlora.run_name`` tag that is not finished is continued."""
+def _redact_tree(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET.search(str(k)) and not isinstance(v, (dict, list)) else _redact_tree(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact_tree(v) for v in obj]
+    return obj
+
+
+def start_or_resume_run(cfg: RunConfig, run_name: str, config_yaml: Optional[str] = None,
+                        command: Optional[str] = None) -> tuple[str, bool]:
+    """(run_id, resumed). A run with the same ``rlora.run_name`` tag that is not finished is continued.
+
+    A new run gets the flattened config as params, the resolved config (every default filled in,
+    overrides applied, secrets redacted) as ``config.yaml``, the config file as written as
+    ``config_source.yaml`` (``config_yaml``) and the command line as the ``rlora.command`` tag."""
+    from .run_record import COMMAND_TAG, CONFIG_ARTIFACT, SOURCE_ARTIFACT, resolved_config_yaml
+
     uri, exp_name, art = resolve(cfg)
     exp_id = ensure_experiment(uri, exp_name, art)
     c = client(uri)
@@ -112,6 +128,8 @@ def start_or_resume_run(cfg: RunConfig, run_name: str, config_yaml: Optional[str
     tags = {RUN_NAME_TAG: run_name, "method": cfg.adapter.method, "base_model": cfg.model.name_or_path,
             "tasks": ",".join(cfg.adapter.tasks)[:5000], "git_commit": git_commit(),
             "mlflow.runName": run_name}
+    if command:
+        tags[COMMAND_TAG] = command[:5000]
     if cfg.mlflow.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id  # a child run, e.g. one cell of `rlora compare`
     run = c.create_run(exp_id, tags=tags, run_name=run_name)
@@ -122,8 +140,9 @@ def start_or_resume_run(cfg: RunConfig, run_name: str, config_yaml: Optional[str
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i:i + 100])
+    c.log_text(run_id, resolved_config_yaml(_redact_tree(cfg.model_dump(mode="json"))), CONFIG_ARTIFACT)
     if config_yaml is not None:
-        c.log_text(run_id, config_yaml, "config.yaml")
+        c.log_text(run_id, config_yaml, SOURCE_ARTIFACT)
     return run_id, False
 
 
@@ -164,6 +183,47 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
         for i in range(0, len(items), 500):
             self._retry("log_metrics", self._client.log_batch, self.run_id, metrics=items[i:i + 500])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Values that do not change over the run (e.g. truncated rows per task): params, not charts."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:250]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._retry("log_params", self._client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """[(step, value)] of one metric in step order ([] if none, or MLflow does not answer)."""
+        try:
+            hist = self._client.get_metric_history(self.run_id, key)
+        except Exception:
+            return []
+        return sorted((m.step, m.value) for m in hist)
+
+    def start_system_metrics(self, interval_s: float = 10.0) -> None:
+        """CPU, memory, disk (and GPU where there is one) of this node as ``system/*`` metrics,
+        sampled every ``interval_s`` seconds by MLflow's monitor thread (``$MLFLOW_SYSTEM_METRICS_
+        SAMPLING_INTERVAL`` overrides) until :meth:`stop_system_metrics` or the run ends."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                                 tracking_uri=self.uri)
+            # network counters read 0 on a one-node run (all charts zero): left out
+            self._monitor.monitors = [m for m in self._monitor.monitors if type(m).__name__ != "NetworkMonitor"]
+            self._monitor.start()
+        except Exception as err:  # e.g. psutil missing: the run goes on without system metrics
+            warnings.warn(f"MLflow system metrics are not logged ({err})")
+            self._monitor = None
+
+    def stop_system_metrics(self) -> None:
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as err:
+                warnings.warn(f"MLflow system metrics monitor did not stop cleanly ({err})")
+            self._monitor = None
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         self._retry("log_artifact", self._client.log_artifact, self.run_id, path, artifact_path)

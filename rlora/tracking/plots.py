@@ -6,6 +6,7 @@ so at a glance: red head panels = heads collapsed into one; blue task cells = ta
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PathLike = Union[str, Path]
 COS_CMAP = "RdBu_r"
@@ -123,6 +125,56 @@ def plot_head_similarity(matrices: Mapping[str, np.ndarray], path: PathLike, kin
     return _save(fig, path)
 
 
+def _off_diagonal_mean(m: np.ndarray) -> float:
+    iu = np.triu_indices(m.shape[0], k=1)
+    return float(np.mean(m[iu])) if iu[0].size else float("nan")
+
+
+def plot_head_similarity_summary(matrices: Mapping[str, Mapping[str, np.ndarray]], path: PathLike,
+                                 kinds: Sequence[str] = ("BA", "learned")) -> Path:
+    """One panel per kind: the mean pairwise head cosine of each layer (off-diagonal mean of its
+    [N, N] matrix) against depth, one line per module type, on the fixed scale −1..1.  ``matrices``:
+    {layer: {kind: [N, N]}} (``Diagnostics.matrices``); kinds absent from every layer are left out."""
+    kinds = [k for k in kinds if any(k in v for v in matrices.values())]
+    if not kinds:
+        raise PlotError("plot_head_similarity_summary got no matrices: the adapter needs num_heads >= 2")
+    what = {"B": "cos(B_i, B_j)", "BA": "raw updates cos(B_i A, B_j A)",
+            "learned": "learned updates cos((B_i − B_i⁰)A, (B_j − B_j⁰)A)",
+            "effective": "effective updates cos(B_i A − B̄⁰A⁰, ...)"}
+    fig = Figure(figsize=(6.5 * len(kinds), 3.8))
+    for k, kind in enumerate(kinds):
+        ax = fig.add_subplot(1, len(kinds), k + 1)
+        series: dict[str, list[tuple[int, float]]] = {}
+        for pos, (name, mats) in enumerate(matrices.items()):
+            if kind not in mats:
+                continue
+            depth = _DEPTH.findall(name)
+            series.setdefault(name.rsplit(".", 1)[-1], []).append(
+                (int(depth[0]) if depth else pos, _off_diagonal_mean(_matrix(mats[kind], name))))
+        for mtype, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, linewidth=1.5, label=mtype)
+        allv = [v for pts in series.values() for _, v in pts if np.isfinite(v)]
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_xlabel("layer index")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("mean cosine between heads")
+        ax.set_title(f"Head similarity, {what.get(kind, kind)}\nmean over layers "
+                     f"{np.mean(allv) if allv else float('nan'):+.3f} (1: heads collapsed, 0: independent)",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def head_similarity_data(matrices: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+    """The full per-layer matrices as JSON-ready lists: {layer: {kind: [[...], ...]}}."""
+    return {name: {kind: np.asarray(m, dtype=float).round(6).tolist() for kind, m in mats.items()}
+            for name, mats in matrices.items()}
+
+
 def _cmap(name: str):
     from matplotlib import colormaps
 
@@ -153,7 +205,8 @@ def plot_interference(matrix: np.ndarray, task_names: Sequence[str], path: PathL
 
 
 def plot_task_weights(history: Sequence[Mapping], task_names: Sequence[str], path: PathLike) -> Path:
-    """Sampling probability of each task over training steps (``TaskSampler.history``)."""
+    """Sampling probability of each task over training steps: ``history`` = [{"step", "probabilities"}],
+    one entry per logged step (the trainer's) or per re-weighting (``TaskSampler.history``)."""
     if not history:
         raise PlotError("plot_task_weights got an empty history: pass TaskSampler.history")
     try:
@@ -196,19 +249,52 @@ def _prob_heatmap(m: np.ndarray, row_labels: list[str], path: PathLike, title: s
 
 
 def plot_router_usage(usage: np.ndarray, task_names: Sequence[str], path: PathLike,
-                      entropy: Optional[Sequence[float]] = None) -> Path:
-    """Mean router gate per head (columns) for each task (rows); optional normalised entropy per task."""
+                      entropy: Optional[Sequence[float]] = None,
+                      per_layer: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> Path:
+    """Left: each task's (rows) mean gate per head (columns), coloured by its deviation from uniform
+    routing u_ti − 1/N on a scale fitted to the largest deviation (so a router that moved 0.004 from
+    uniform is visible, and the annotations say how far); optional normalised entropy per task.
+    Right (with ``per_layer`` = ``{layer: {"usage": [T, N]}}``): how far each layer's routing of each
+    task is from uniform, the total variation ½·Σ_i |u_ti − 1/N| (0: uniform; 1 − 1/N: one head), since
+    layers that route oppositely cancel in the mean over layers."""
     m = _matrix(usage, "usage")
     names = _check_tasks(m, task_names, "usage")
     if entropy is not None:
-        names = [f"{n}  (H={float(h):.2f})" for n, h in zip(names, entropy)]
-    N = m.shape[1]
-    return _prob_heatmap(
-        m, names, path,
-        f"Router usage: mean gate per head (uniform = 1/N = {1 / N:.2f})\n"
-        "same pattern in every row: no task specialisation; one column near 1: router collapsed onto one head"
-        + ("\nH = normalised router entropy (1 = uniform, 0 = one head per token)" if entropy is not None else ""),
-        "head", "mean gate")
+        names = [f"{n}  (H={float(h):.3f})" for n, h in zip(names, entropy)]
+    T, N = m.shape
+    dev = m - 1.0 / N
+    scale = max(float(np.nanmax(np.abs(dev))) if dev.size else 0.0, 1e-3)
+    layers = list(per_layer or {})
+    fig = Figure(figsize=(max(4.5, 0.8 * N + 3.2) + (max(4.0, 0.35 * len(layers) + 2.5) if layers else 0),
+                          max(3.2, 0.45 * T + 2.0)))
+    ax = fig.add_subplot(1, 2 if layers else 1, 1)
+    im = ax.imshow(dev, cmap=_cmap(COS_CMAP), norm=Normalize(-scale, scale), interpolation="nearest", aspect="auto")
+    if m.size <= 400:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(dev[i, j]) > 0.6 * scale else "black")
+    ax.set_xticks(range(N), [f"head {i}" for i in range(N)], fontsize=8)
+    ax.set_yticks(range(T), names, fontsize=8)
+    ax.set_xlabel("head")
+    ax.set_title(f"Router usage: mean gate per head (uniform 1/N = {1 / N:.3f});\ncolour: deviation from uniform, "
+                 f"largest {scale:.3g}" + ("\nH: normalised router entropy (1 uniform, 0 one head per token)"
+                                            if entropy is not None else ""), fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="mean gate − 1/N")
+    if layers:
+        tv = np.stack([0.5 * np.abs(_matrix(per_layer[l]["usage"], f"per_layer['{l}']") - 1.0 / N).sum(axis=1)
+                       for l in layers], axis=1)                      # [T, layers]
+        ax2 = fig.add_subplot(1, 2, 2)
+        im2 = ax2.imshow(tv, cmap=PROB_CMAP, norm=Normalize(0.0, max(float(tv.max()), 1e-3)),
+                         interpolation="nearest", aspect="auto")
+        short = [".".join(p for p in l.split(".") if p.isdigit() or p.endswith("proj"))[-14:] or l[-14:]
+                 for l in layers]
+        ax2.set_xticks(range(len(layers)), short, rotation=90, fontsize=6)
+        ax2.set_yticks(range(T), [str(t) for t in task_names], fontsize=8)
+        ax2.set_title(f"Per layer: distance of the routing from uniform\n(total variation, max {tv.max():.3g}; "
+                      f"one head only = {1 - 1 / N:.2f})", fontsize=9)
+        fig.colorbar(im2, ax=ax2, fraction=0.046, pad=0.04, label="½ Σ|gate − 1/N|")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_mtl_mixing(mixing: np.ndarray, task_names: Sequence[str], path: PathLike,
@@ -228,30 +314,39 @@ def plot_mtl_mixing(mixing: np.ndarray, task_names: Sequence[str], path: PathLik
 def save_diagnostic_plots(diag, out_dir: PathLike, history: Optional[Sequence[Mapping]] = None,
                           prefix: str = "") -> list[Path]:
     """Write every plot that applies to a :class:`rlora.tracking.diagnostics.Diagnostics` into
-    ``out_dir`` (``head_similarity.png``, ``head_similarity_learned.png`` where the learned updates
-    differ from the raw ones (R-LoRA), ``interference.png``, ``router_usage.png``, ``mtl_mixing.png``,
-    ``task_weights.png`` with a sampler history); returns the paths."""
+    ``out_dir`` (``head_similarity.png``: the per-layer summary, with a panel for the learned updates
+    where they differ from the raw ones (R-LoRA), and ``head_similarity.json``: every layer's N x N
+    matrices; ``interference.png``, ``router_usage.png``, ``mtl_mixing.png``, and with a history of the
+    task weights (one entry per logged step) ``task_weights.png`` + ``task_weights.json``); returns the
+    paths."""
     out, paths = Path(out_dir), []
+    out.mkdir(parents=True, exist_ok=True)
     names = list(diag.task_names)
     if diag.matrices:
-        paths.append(plot_head_similarity({k: v["BA"] for k, v in diag.matrices.items()},
-                                          out / f"{prefix}head_similarity.png", "BA"))
         learned = {k: v["learned"] for k, v in diag.matrices.items() if "learned" in v}
-        if any(not np.array_equal(m, diag.matrices[k]["BA"]) for k, m in learned.items()):
-            paths.append(plot_head_similarity(learned, out / f"{prefix}head_similarity_learned.png", "learned"))
+        differs = any(not np.array_equal(m, diag.matrices[k]["BA"]) for k, m in learned.items())
+        paths.append(plot_head_similarity_summary(diag.matrices, out / f"{prefix}head_similarity.png",
+                                                  ("BA", "learned") if differs else ("BA",)))
+        data = out / f"{prefix}head_similarity.json"  # the full per-layer N x N grid, as data
+        data.write_text(json.dumps(head_similarity_data(diag.matrices)))
+        paths.append(data)
     if diag.interference is not None:
         paths.append(plot_interference(diag.interference, names, out / f"{prefix}interference.png"))
     if diag.router is not None:
         paths.append(plot_router_usage(diag.router["usage"], diag.router["tasks"], out / f"{prefix}router_usage.png",
-                                       diag.router["entropy"]))
+                                       diag.router["entropy"], diag.router.get("per_layer")))
     if diag.mtl is not None:
         mix = diag.mtl["mixing"]
         labels = names if len(names) == mix.shape[0] else [f"task{k}" for k in range(mix.shape[0])]
         paths.append(plot_mtl_mixing(mix, labels, out / f"{prefix}mtl_mixing.png", diag.mtl["lambda_dev"]))
     if history:
         paths.append(plot_task_weights(history, names, out / f"{prefix}task_weights.png"))
+        data = out / f"{prefix}task_weights.json"  # the plotted points: one per logged step
+        data.write_text(json.dumps({"tasks": names, "history": [
+            {"step": int(h["step"]), "probabilities": [float(p) for p in h["probabilities"]]} for h in history]}))
+        paths.append(data)
     return paths
 
 
-__all__ = ["PlotError", "plot_head_similarity", "plot_interference", "plot_task_weights", "plot_router_usage",
+__all__ = ["PlotError", "plot_head_similarity", "plot_head_similarity_summary", "head_similarity_data", "plot_interference", "plot_task_weights", "plot_router_usage",
            "plot_mtl_mixing", "save_diagnostic_plots"]

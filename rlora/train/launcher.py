@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-import yaml
-
 from ..config import ConfigError, RunConfig
 from ..console import say
 
@@ -140,8 +138,8 @@ def _ray_init(cfg: RunConfig, verbose: bool = True) -> None:
                  log_to_driver=verbose, configure_logging=True, logging_level="WARNING")
 
 
-def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool,
-              verbose: bool = True) -> tuple[RunConfig, dict[str, Any], Optional[str]]:
+def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool, verbose: bool = True,
+              command: Optional[str] = None) -> tuple[RunConfig, dict[str, Any], Optional[str]]:
     """The driver's part, before any training process starts (``cfg`` has passed :func:`preflight`):
     MLflow reachable, Ray up and large enough, the run's storage folder, resume point and MLflow run."""
     from ..tracking import mlflow_tracker
@@ -166,8 +164,10 @@ def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool,
     uri = None
     if cfg.mlflow.enabled:
         uri = mlflow_tracker.resolve(cfg)[0]
-        cfg_yaml = config_yaml or yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-        run["mlflow_run_id"], resumed = mlflow_tracker.start_or_resume_run(cfg, run_name, cfg_yaml)
+        from ..tracking.run_record import command_line
+
+        run["mlflow_run_id"], resumed = mlflow_tracker.start_or_resume_run(cfg, run_name, config_yaml,
+                                                                           command or command_line())
         run["tracking_uri"] = uri
         say(f"[rlora] MLflow run {run['mlflow_run_id']} ({'continued' if resumed else 'new'}) at {uri}")
     where = "this process" if local else f"{cfg.ray.num_workers} Ray workers"
@@ -182,7 +182,7 @@ def run_dir(cfg: RunConfig, run_name: str) -> Path:
 
 
 def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool = False,
-                 verbose: bool = True) -> TrainResult:
+                 verbose: bool = True, command: Optional[str] = None) -> TrainResult:
     """Train as configured: Ray Train workers, or (``local``) the same loop in this process with world
     size 1. Everything that can fail fast fails before a worker starts. Unless ``verbose``, everything
     but rlora's own lines goes to ``output_dir/<run>/logs/run.log`` (workers: ``worker-<rank>.log``)."""
@@ -201,7 +201,7 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool 
         say(f"[rlora] log: {console.active_log() or log} (rlora train --verbose shows it all here)")
     with console.run_log(log, verbose):
         try:
-            cfg, run, uri = start_run(cfg, config_yaml, local, verbose)
+            cfg, run, uri = start_run(cfg, config_yaml, local, verbose, command)
         except ConfigError:  # refused before training (e.g. too few Ray resources): leave nothing behind
             if fresh:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -37,6 +37,7 @@ import torch
 
 from ..config import RunConfig
 from ..distributed import all_reduce_sum, gather_objects
+from ..tracking.run_record import eval_metrics
 from . import checkpoint as ckpt
 from .fault_injection import maybe_exit
 from .runtime import Runtime
@@ -121,6 +122,7 @@ class Trainer:
         self.loss_hist: list[float] = []
         self.task_hist: list[list[float]] = []
         self.tracker = None
+        self.p_history: list[dict] = []  # {"step", "probabilities"} of every logged step (the task-weights plot)
         self.clock = _Clock()
         self.data_order = ""  # chained sha256 of the (task, example) slots of rank 0's micro-batches, in order
 
@@ -141,6 +143,7 @@ class Trainer:
             conflict = self.diagnose()
             self.data.sampler.update(task_loss, conflict=conflict)
             self.log(task_loss, step_loss)
+            self.plot_diagnostics()
             self.evaluate_mid_run()
             maybe_exit(self.cfg.trainer.fail_at_step, self.step, self.rank, self.world, self.run.get("storage_dir"))
             if self.step % self.cfg.trainer.save_steps == 0 and self.step < self.total_steps:
@@ -214,8 +217,14 @@ class Trainer:
         from ..tracking.mlflow_tracker import Tracker
 
         self.tracker = Tracker(self.run["tracking_uri"], self.run["mlflow_run_id"])
-        if self.step == 0:
-            self.tracker.log_metrics({f"data/truncated/{k}": v for k, v in self.data.truncated.items()}, step=0)
+        if self.step == 0:  # fixed numbers: params, not charts
+            self.tracker.log_params({f"data.truncated_rows.{k}": v for k, v in self.data.truncated.items()})
+        else:  # the task weights logged before the restart: the task-weights plot keeps its history
+            hists = [dict(self.tracker.metric_history(f"sampler/p/{n}")) for n in self.data.names]
+            steps = sorted(set.intersection(*(set(h) for h in hists))) if hists else []
+            self.p_history = [{"step": st, "probabilities": [h[st] for h in hists]} for st in steps if st <= self.step]
+        if self.cfg.mlflow.log_system_metrics:
+            self.tracker.start_system_metrics()
 
     def evaluate_before(self) -> None:
         """Zero-shot dev results: from the fingerprint cache (:mod:`rlora.train.zero_shot`) when this base
@@ -233,7 +242,7 @@ class Trainer:
             self.results_before = self.evaluate()
             if key and self.rank == 0:
                 zero_shot.store(key, self.results_before)
-        self._track({f"eval_before/{k}/accuracy": v["accuracy"] for k, v in self.results_before.items()}, 0)
+        self._track(eval_metrics(self.results_before), 0)
 
     def train_step(self) -> tuple[list[float], float]:
         """One optimizer step over ``G`` micro-batches on every rank.
@@ -287,13 +296,20 @@ class Trainer:
                 diag = run_diagnostics(self.engine.module, self._probe, self.data.names, interference=not stage3)
             self.engine.module.train()
             self._track(diag.metrics(), self.step)
-            if self.tracker and self.cfg.mlflow.log_artifacts:
-                from ..tracking.plots import save_diagnostic_plots
-
-                with tempfile.TemporaryDirectory(prefix="rlora-diag-") as tmp:
-                    save_diagnostic_plots(diag, tmp, history=self.data.sampler.history)
-                    self.tracker.log_artifacts(tmp, f"diagnostics/step_{self.step:06d}")
+            self._pending_plots = diag
         return diag.conflict
+
+    def plot_diagnostics(self) -> None:
+        """Rank 0 writes the plots of this step's diagnostics pass, after :meth:`log`, so the
+        task-weights plot has one point per logged step up to and including this one."""
+        diag, self._pending_plots = getattr(self, "_pending_plots", None), None
+        if diag is None or not self.tracker or not self.cfg.mlflow.log_artifacts:
+            return
+        from ..tracking.plots import save_diagnostic_plots
+
+        with self.clock.side(), tempfile.TemporaryDirectory(prefix="rlora-diag-") as tmp:
+            save_diagnostic_plots(diag, tmp, history=self.p_history)
+            self.tracker.log_artifacts(tmp, f"diagnostics/step_{self.step:06d}")
 
     def log(self, task_loss: list[float], step_loss: float) -> None:
         t = self.cfg.trainer
@@ -313,6 +329,7 @@ class Trainer:
         m.update({f"train/loss/{n}": v for n, v in zip(names, task_loss)})
         m.update({f"sampler/p/{n}": float(p) for n, p in zip(names, sampler.probabilities)})
         self._track(m, self.step)
+        self.p_history.append({"step": self.step, "probabilities": [float(p) for p in sampler.probabilities]})
 
     def evaluate_mid_run(self) -> None:
         every = self.cfg.eval.every_n_steps
@@ -321,7 +338,7 @@ class Trainer:
         with self.clock.side():
             res = self.evaluate()
         self.eval_history.append((self.step, res))
-        self._track({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items()}, self.step)
+        self._track(eval_metrics(res), self.step)
 
     def checkpoint(self, write=None) -> None:
         """Every rank writes its shards + RNG (rank 0 the trainer state) and reports the checkpoint;
@@ -361,7 +378,7 @@ class Trainer:
             "trainable_params": self.trainable, "sampler_state": self.data.sampler.state_dict(),
             "data_order": gather_objects(self.data_order)[0],
             "worker_nodes": gather_objects(self.rt.node_id())}
-        self._track({f"eval/{k}/accuracy": v["accuracy"] for k, v in self.results_after.items()}, self.step)
+        self._track(eval_metrics(self.results_after), self.step)
 
         def write(d: Path) -> None:
             if self.rank == 0:
@@ -370,6 +387,8 @@ class Trainer:
                 (d / "results.json").write_text(json.dumps(self.summary, indent=1))
 
         self.checkpoint(write)
+        if self.tracker:
+            self.tracker.stop_system_metrics()
         return self.summary
 
     # ---- helpers --------------------------------------------------------------------------------

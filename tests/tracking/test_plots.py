@@ -70,15 +70,44 @@ def test_plot_input_errors(tmp_path):
 
 
 @pytest.mark.parametrize("method,expected", [
-    ("rlora", {"head_similarity.png", "head_similarity_learned.png", "interference.png", "router_usage.png",
-               "task_weights.png"}),
+    ("rlora", {"head_similarity.png", "interference.png", "router_usage.png", "task_weights.png"}),
     ("mtl", {"head_similarity.png", "interference.png", "mtl_mixing.png", "task_weights.png"}),
 ])
 def test_save_diagnostic_plots_from_a_real_pass(tmp_path, method, expected):
+    import json
+
     model = randomise(adapter_model(method), std=0.1)
     diag = D.run_diagnostics(model, probe_for(), TASKS)
     history = [{"step": 0, "probabilities": [1 / 3] * 3}, {"step": 10, "probabilities": [0.5, 0.25, 0.25]}]
     paths = P.save_diagnostic_plots(diag, tmp_path, history=history, prefix="")
-    assert {p.name for p in paths} == expected
+    assert {p.name for p in paths} == expected | {"head_similarity.json", "task_weights.json"}
     for p in paths:
-        check_png(p, min_w=200, min_h=150)
+        if p.suffix == ".png":
+            check_png(p, min_w=200, min_h=150)
+    grid = json.loads((tmp_path / "head_similarity.json").read_text())
+    assert grid.keys() == diag.matrices.keys()
+    name = next(iter(grid))
+    assert np.allclose(grid[name]["BA"], diag.matrices[name]["BA"], atol=1e-6)
+    assert json.loads((tmp_path / "task_weights.json").read_text())["history"] == history
+
+
+def test_head_similarity_summary_is_one_point_per_layer(tmp_path):
+    """The summary plots the off-diagonal mean of each layer's matrix against depth (readable at 30 layers)."""
+    mats = {f"model.layers.{d}.self_attn.{m}": {"BA": np.array([[1, d / 30, 0], [d / 30, 1, 0], [0, 0, 1.0]])}
+            for d in range(30) for m in ("q_proj", "v_proj")}
+    assert P._off_diagonal_mean(mats["model.layers.15.self_attn.q_proj"]["BA"]) == pytest.approx(0.5 / 3)
+    img = check_png(P.plot_head_similarity_summary(mats, tmp_path / "s.png"), min_w=500, min_h=300)
+    assert img.shape[1] < 1200  # one panel per kind, not one column per layer
+    with pytest.raises(P.PlotError, match="num_heads >= 2"):
+        P.plot_head_similarity_summary({}, tmp_path / "x.png")
+
+
+def test_router_usage_colours_small_deviations_and_shows_layers(tmp_path):
+    """A router 0.004 away from uniform is visibly coloured (the scale follows the largest deviation)."""
+    usage = np.array([[0.504, 0.496], [0.498, 0.502]])
+    per_layer = {"model.layers.0.self_attn.q_proj": {"usage": np.array([[0.6, 0.4], [0.5, 0.5]])},
+                 "model.layers.1.self_attn.q_proj": {"usage": np.array([[0.408, 0.592], [0.496, 0.504]])}}
+    img = check_png(P.plot_router_usage(usage, ["a", "b"], tmp_path / "r.png", [0.99, 0.99], per_layer))
+    rgb = img[..., :3]
+    saturated = ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.5).mean()
+    assert saturated > 0.05  # strongly coloured cells, not a uniform 0.50 field
