@@ -33,6 +33,80 @@ def test_meets_reads_the_target_strings():
     assert meets(5.0, "info") is None
 
 
+class FakeClock:
+    """A ``time.perf_counter`` that only the contenders advance: each call of a contender adds its
+    scripted duration, so every timing the benchmark code makes has a known answer."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def contender(self, durations):
+        it = iter(durations)
+
+        def fn():
+            self.now += next(it)
+        return fn
+
+
+def test_rounds_ratio_and_spread_of_scripted_durations_are_exact(monkeypatch):
+    """Through the benchmarks' own timing, ratio and summary code: b takes 2, 3, 2.5 times as long as a in
+    the three rounds (median of 3 calls each, one call per round an outlier the median drops), so the
+    figure is the median ratio 2.5 with half-range spread 0.5, exactly. Timing the calls from the start of
+    the round (b's time including a's) would give 3.5 +- 0.5, a ratio the other way 0.4."""
+    import _common
+
+    clock = FakeClock()
+    monkeypatch.setattr(_common.time, "perf_counter", clock)
+    a = [1.0] + [1.0, 9.0, 1.0] * 3                          # warm-up call, then 3 rounds of 3 calls
+    b = [5.0] + [2.0, 2.0, 0.1, 3.0, 3.0, 50.0, 2.5, 0.2, 2.5]
+    rounds = _common.interleaved_rounds({"a": clock.contender(a), "b": clock.contender(b)}, rounds=3,
+                                        per_round=3, warmup=1)
+    assert rounds == {"a": [1.0, 1.0, 1.0], "b": [2.0, 3.0, 2.5]}
+    f = _common.figure(_common.ratios(rounds["b"], rounds["a"]), "<=2")
+    assert f == {"value": 2.5, "spread": 0.5, "target": "<=2", "unit": "x", "rounds": 3}
+    assert _common.meets(f["value"], f["target"]) is False
+    assert _common.show(_common.ratios(rounds["b"], rounds["a"]), ".2f") == "2.50x ± 0.50 (3 rounds)"
+
+
+def test_a_contender_that_sleeps_twice_as_long_measures_a_ratio_of_two():
+    """On the real clock: 40 ms against 20 ms of sleep. Sleep overshoots by a scheduler tick at most
+    (~0.1 ms idle, a few ms on a busy machine): with overshoot e on both sides the ratio is
+    (40 + e) / (20 + e), 1.82 for e = 2 ms; allowed 2 +- 0.2, and every round's ratio must be in it."""
+    import time
+
+    from _common import figure, interleaved_rounds, ratios
+
+    out = interleaved_rounds({"short": lambda: time.sleep(0.02), "long": lambda: time.sleep(0.04)}, rounds=3,
+                             per_round=3, warmup=1)
+    per_round = ratios(out["long"], out["short"])
+    assert all(1.8 <= r <= 2.2 for r in per_round), per_round
+    f = figure(per_round, "info")
+    assert f["value"] == pytest.approx(2.0, abs=0.2) and f["spread"] < 0.2 and f["rounds"] == 3
+    assert all(0.02 <= s < 0.03 for s in out["short"]), out["short"]
+
+
+def test_peak_rss_sees_a_known_allocation():
+    """A fresh process touches 256 MiB (a bytearray written byte by byte); the benchmarks' peak RSS
+    (getrusage, KiB) must rise to the resident size before it plus 256 MiB, within 4 MiB (the
+    interpreter's own allocations around it; a KiB read as 1000 bytes would be 6 MiB short)."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+            "import os, json\n"
+            "from _e2e import peak_rss_bytes\n"
+            "page = os.sysconf('SC_PAGE_SIZE')\n"
+            "resident = lambda: int(open('/proc/self/statm').read().split()[1]) * page\n"
+            "before, peak0 = resident(), peak_rss_bytes()\n"
+            "block = bytearray(b'x') * (256 << 20)\n"
+            "print(json.dumps([before, peak0, peak_rss_bytes()]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, peak0, peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert peak0 < before + (256 << 20)  # the allocation sets the new peak
+    assert abs(peak - before - (256 << 20)) <= 4 << 20, (peak - before) / 2 ** 20
+
+
 def test_interleaved_rounds_alternate_the_contenders():
     from _common import interleaved_rounds
 
