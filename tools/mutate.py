@@ -43,7 +43,8 @@ DETECTED = ("killed", "timeout", "segfault")
 # group: (files to mutate, test files that cover them). Order: the acceptance modules first.
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "layers": (["rlora/layers/*.py"],
-               ["tests/layers/test_layers.py", "tests/layers/test_dropout.py", "tests/layers/test_fused.py"]),
+               ["tests/layers/test_layers.py", "tests/layers/test_layers_exact.py", "tests/layers/test_dropout.py",
+                "tests/layers/test_fused.py"]),
     "compare_stats": (["rlora/compare/stats.py", "rlora/compare/bootstrap.py"],
                       ["tests/compare/test_stats.py", "tests/compare/test_stats_exact.py",
                        "tests/compare/test_bootstrap.py"]),
