@@ -4,12 +4,17 @@ Steps (nothing is registered unless every step succeeds):
 
 1. check the registry name and alias (one-line errors), resolve SOURCE to an adapter directory;
 2. save the pyfunc model locally (adapter directory as artifact, base model by reference) and upload
-   it as the artifact ``model`` of a new run ``register-<name>`` (in the source run's experiment when
-   SOURCE is a run id, tagged ``rlora.source_run_id``);
-3. create the registered model if needed, a new version from that artifact, and point ``alias`` at it.
+   it into the **training run** that made the adapter, as the artifact ``registered/<name>/<time>``:
+   the run is SOURCE when it is a run id, else the one the adapter's ``training_run.json`` names
+   (when that run is in this tracking store). So the version's *Source Run* is the training run, and
+   the run page lists the version. An adapter without a known training run gets a new run
+   ``register-<name>`` (artifact ``model``);
+3. create the registered model if needed, a new version from that artifact (``run_id`` = that run),
+   and point ``alias`` at it.
 
-A failure in step 3 deletes the version (and the registered model when this call created it) and
-marks the run FAILED; a process killed before step 3 leaves a run with artifacts but no version.
+A failure in step 3 deletes the version (and the registered model when this call created it) and the
+uploaded files (a ``register-`` run is marked FAILED; a training run keeps its status); a process
+killed before step 3 leaves uploaded files but no version.
 
 Promotion: a registration points ``challenger`` at the new version unless another alias is named, so
 it never moves ``champion`` by itself. Compare the candidate with ``models:/NAME@champion``, then move
@@ -22,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,16 +122,16 @@ def register(source, name: str, alias: str = "challenger", tracking_uri: Optiona
             task_index(cfg, task)
         base = base_model_name(cfg, base_model)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        train_run = _training_run(client, rid, adapter_dir)
         try:
-            if rid is not None:
-                exp_id = client.get_run(rid).info.experiment_id
+            if train_run is not None:
+                run, artifact = train_run, f"registered/{name}/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             else:
                 exp_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "rlora"
                 exp_id = ensure_experiment(uri, exp_name, artifact_location or _default_artifact_location(uri))
-            tags = {"rlora.registered_model": name, "rlora.alias": alias, "method": cfg.method, "base_model": base}
-            if rid is not None:
-                tags["rlora.source_run_id"] = rid
-            run = client.create_run(exp_id, run_name=f"register-{name}", tags=tags)
+                tags = {"rlora.registered_model": name, "rlora.alias": alias, "method": cfg.method,
+                        "base_model": base}
+                run, artifact = client.create_run(exp_id, run_name=f"register-{name}", tags=tags), MODEL_ARTIFACT
         except MlflowException as err:
             raise ExportError(f"MLflow at {uri} refused to start the registration run ({_first_line(err)})") from None
         run_id = run.info.run_id
@@ -142,14 +148,17 @@ def register(source, name: str, alias: str = "challenger", tracking_uri: Optiona
                 mlflow.pyfunc.save_model(str(model_dir), python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
                                          artifacts={ADAPTER_ARTIFACT: str(packed)}, model_config=model_config,
                                          signature=_signature(), pip_requirements=PIP_REQUIREMENTS)
-            client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+            client.log_artifacts(run_id, str(model_dir), artifact)
             pause_for_tests("uploading the model")
-            version = _create_version(client, name, alias, f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id,
+            version = _create_version(client, name, alias, f"{run.info.artifact_uri}/{artifact}", run_id,
                                       {"base_model": base, "method": cfg.method, "task": task or "",
                                        "source": str(source)[:500]})
         except BaseException as err:
             try:
-                client.set_terminated(run_id, "FAILED")
+                if train_run is None:
+                    client.set_terminated(run_id, "FAILED")
+                else:
+                    _delete_artifacts(client, run_id, artifact)
             except Exception:
                 pass
             if isinstance(err, Exception) and not isinstance(err, ExportError):
@@ -158,8 +167,33 @@ def register(source, name: str, alias: str = "challenger", tracking_uri: Optiona
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        client.set_terminated(run_id, "FINISHED")
+        if train_run is None:
+            client.set_terminated(run_id, "FINISHED")
     return Registered(name, version, alias, run_id, str(source))
+
+
+def _training_run(client, rid: Optional[str], adapter_dir: Path):
+    """The MLflow run that trained the adapter, in this tracking store: SOURCE's run id, else the one in the
+    adapter's ``training_run.json``; None when there is none (or it is not in this store)."""
+    from mlflow.exceptions import MlflowException
+
+    from ..tracking.run_record import read_training_record
+
+    if rid is None:
+        rid = (read_training_record(adapter_dir) or {}).get("mlflow_run_id")
+    if not rid:
+        return None
+    try:
+        return client.get_run(rid)
+    except MlflowException:
+        return None
+
+
+def _delete_artifacts(client, run_id: str, path: str) -> None:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+    repo.delete_artifacts(path)
 
 
 def _create_version(client, name: str, alias: str, source_uri: str, run_id: str, tags: dict) -> str:

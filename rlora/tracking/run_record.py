@@ -11,8 +11,10 @@ the last step::
 """
 from __future__ import annotations
 
+import json
 import shlex
 import sys
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import yaml
@@ -22,6 +24,7 @@ from .metric_names import unique_segments
 CONFIG_ARTIFACT = "config.yaml"
 SOURCE_ARTIFACT = "config_source.yaml"
 COMMAND_TAG = "rlora.command"
+TRAINING_RECORD = "training_run.json"
 
 
 def eval_metrics(results: Optional[Mapping[str, Mapping]]) -> dict[str, float]:
@@ -43,6 +46,27 @@ def eval_metrics(results: Optional[Mapping[str, Mapping]]) -> dict[str, float]:
     return out
 
 
+def write_training_record(adapter_dir, config: Mapping, mlflow_run_id: Optional[str], tracking_uri: Optional[str],
+                          step: int) -> Path:
+    """``adapter_dir/training_run.json``: the run that made the adapter (its resolved config, MLflow run
+    id and tracking URI, last step). ``rlora evaluate`` takes its prompt settings from it and
+    ``rlora register`` links the model version to that MLflow run."""
+    path = Path(adapter_dir) / TRAINING_RECORD
+    path.write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "global_step": step,
+                                "config": dict(config)}, indent=1))
+    return path
+
+
+def read_training_record(adapter_dir) -> Optional[dict]:
+    """The :func:`write_training_record` contents, or None when the adapter has none (or it is unreadable)."""
+    path = Path(adapter_dir) / TRAINING_RECORD
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def resolved_config_yaml(config: Mapping) -> str:
     """The config the run used (every default filled in, overrides applied), as YAML."""
     return yaml.safe_dump(dict(config), sort_keys=False)
@@ -56,5 +80,5 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
     return shlex.join(argv)
 
 
-__all__ = ["CONFIG_ARTIFACT", "SOURCE_ARTIFACT", "COMMAND_TAG", "eval_metrics", "resolved_config_yaml",
-           "command_line"]
+__all__ = ["CONFIG_ARTIFACT", "SOURCE_ARTIFACT", "COMMAND_TAG", "TRAINING_RECORD", "eval_metrics",
+           "resolved_config_yaml", "command_line", "write_training_record", "read_training_record"]

@@ -37,7 +37,7 @@ import torch
 
 from ..config import RunConfig
 from ..distributed import all_reduce_sum, gather_objects
-from ..tracking.run_record import eval_metrics
+from ..tracking.run_record import eval_metrics, write_training_record
 from . import checkpoint as ckpt
 from .fault_injection import maybe_exit
 from .runtime import Runtime
@@ -384,6 +384,8 @@ class Trainer:
             if self.rank == 0:
                 save_adapter(self.engine.module, d / "adapter", state=state,
                              extra={"run_name": self.run["run_name"], "global_step": self.step})
+                write_training_record(d / "adapter", self.cfg.model_dump(mode="json"), self.run.get("mlflow_run_id"),
+                                      self.run.get("tracking_uri"), self.step)
                 (d / "results.json").write_text(json.dumps(self.summary, indent=1))
 
         self.checkpoint(write)

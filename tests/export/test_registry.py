@@ -171,7 +171,8 @@ def test_register_from_run_id_and_unknown_task(adapters, mlflow_env, capsys):
     assert code == 2 and len(err) == 1 and "gamma" in err[0] and "alpha" in err[0]
     assert _versions(uri, "rlora-hydra") == []
     reg = register(run.info.run_id, name="rlora-hydra", task="beta", tracking_uri=uri)
-    assert c.get_run(reg.run_id).data.tags["rlora.source_run_id"] == run.info.run_id
+    assert reg.run_id == run.info.run_id  # the model is logged into, and the version linked to, that run
+    assert c.get_model_version("rlora-hydra", reg.version).run_id == run.info.run_id
 
 
 @pytest.mark.slow
