@@ -69,21 +69,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import evaluate_tasks, load_tasks
     from .models import load_base_model, load_tokenizer
 
+    from .tracking.run_record import TRAINING_RECORD, describe_eval_settings, eval_settings, read_training_record
+
     base = args.base_model
     names: list[str] = []
+    record = None
     if args.adapter:
         acfg = read_adapter_config(args.adapter)
         base = base or acfg.base_model or "smollm2-135m"
         names = list(acfg.tasks)
+        record = read_training_record(args.adapter)
     base = base or "smollm2-135m"
-    dev = load_tasks(DataConfig(path=args.data, max_length=args.max_length), args.split)
+    # prompt format, chat template, lengths: the adapter's training run's, unless a flag says otherwise
+    st, src = eval_settings(record, {"max_length": args.max_length, "use_chat_template": args.chat_template,
+                                     "length_normalized": args.length_normalized, "max_examples": args.max_examples})
+    print(describe_eval_settings(st, src, str(Path(args.adapter) / TRAINING_RECORD) if record else None))
+    dev = load_tasks(DataConfig(path=args.data, max_length=st["max_length"],
+                                use_chat_template=st["use_chat_template"]), args.split)
     model = load_base_model(base)
     if args.adapter:
         load_adapter(model, args.adapter)
     model.eval()
     res = evaluate_tasks(model, load_tokenizer(base), dev, names or list(dev), batch_size=args.batch_size,
-                         max_length=args.max_length, max_examples_per_task=args.max_examples,
-                         length_normalized=args.length_normalized)
+                         max_length=st["max_length"], max_examples_per_task=st["max_examples"],
+                         length_normalized=st["length_normalized"], use_chat_template=st["use_chat_template"],
+                         templates=st["templates"])
     from .train.launcher import results_table
 
     print(results_table({"results_after": res}))
@@ -133,10 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="adapter directory (rlora.save_adapter format)")
     e.add_argument("--base-model", help="default: the adapter's base model, else smollm2-135m")
     e.add_argument("--split", default="dev")
-    e.add_argument("--max-examples", type=int, default=None, help="per task")
-    e.add_argument("--max-length", type=int, default=256)
+    e.add_argument("--max-examples", type=int, default=None,
+                   help="rows per task (default: the adapter's training run's eval.max_examples_per_task, else all)")
+    e.add_argument("--max-length", type=int, default=None,
+                   help="default: the adapter's training run's data.max_length, else 256")
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--length-normalized", action="store_true")
+    e.add_argument("--length-normalized", action=argparse.BooleanOptionalAction, default=None,
+                   help="score options by mean token log-likelihood (default: the run's eval.length_normalized, "
+                        "else off)")
+    e.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the tokenizer's chat template (default: the run's data.use_chat_template, "
+                        "else on); --no-chat-template turns it off")
     e.add_argument("--out", help="write the metrics as JSON")
     e.set_defaults(fn=cmd_evaluate)
 

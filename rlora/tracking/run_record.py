@@ -67,6 +67,51 @@ def read_training_record(adapter_dir) -> Optional[dict]:
     return rec if isinstance(rec, dict) else None
 
 
+EVAL_DEFAULTS = {"max_length": 256, "use_chat_template": True, "length_normalized": False, "max_examples": None}
+
+
+def eval_settings(record: Optional[Mapping], flags: Mapping[str, object]) -> tuple[dict, dict]:
+    """(settings, where each came from) for scoring an adapter as its training run did.
+
+    For each of ``max_length`` (``data.max_length``), ``use_chat_template`` (``data.use_chat_template``),
+    ``length_normalized`` (``eval.length_normalized``) and ``max_examples`` (``eval.max_examples_per_task``):
+    the flag when it is not None, else the training run's value from ``record`` (a
+    :func:`read_training_record`), else :data:`EVAL_DEFAULTS`. ``templates`` ({task: prompt template})
+    always come from the run's ``data.tasks[].prompt_template``. Sources are ``"flag"``, ``"run"`` or
+    ``"default"``."""
+    cfg = (record or {}).get("config") or {}
+    data, ev = cfg.get("data") or {}, cfg.get("eval") or {}
+    from_run = {"max_length": data.get("max_length"), "use_chat_template": data.get("use_chat_template"),
+                "length_normalized": ev.get("length_normalized"),
+                "max_examples": ev.get("max_examples_per_task") if "max_examples_per_task" in ev else "unset"}
+    settings, source = {}, {}
+    for key, default in EVAL_DEFAULTS.items():
+        if flags.get(key) is not None:
+            settings[key], source[key] = flags[key], "flag"
+        elif cfg and from_run[key] != "unset" and (from_run[key] is not None or key == "max_examples"):
+            settings[key], source[key] = from_run[key], "run"
+        else:
+            settings[key], source[key] = default, "default"
+    settings["templates"] = {t["name"]: t.get("prompt_template") for t in data.get("tasks") or []
+                             if isinstance(t, dict) and t.get("prompt_template")}
+    return settings, source
+
+
+def describe_eval_settings(settings: Mapping, source: Mapping, record_path: Optional[str]) -> str:
+    """One console line: the scoring settings and where each came from."""
+    def show(key: str, text: str) -> str:
+        return f"{text} ({source[key]})"
+
+    parts = [show("max_length", f"max_length {settings['max_length']}"),
+             show("use_chat_template", f"chat template {'on' if settings['use_chat_template'] else 'off'}"),
+             show("length_normalized", f"length-normalized {'on' if settings['length_normalized'] else 'off'}"),
+             show("max_examples", f"rows per task {settings['max_examples'] if settings['max_examples'] is not None else 'all'}")]
+    if settings.get("templates"):
+        parts.append(f"prompt templates of {', '.join(settings['templates'])} (run)")
+    where = f"run = the adapter's training run ({record_path})" if record_path else "no training run recorded"
+    return f"[rlora] scoring with {', '.join(parts)}; {where}; flags override"
+
+
 def resolved_config_yaml(config: Mapping) -> str:
     """The config the run used (every default filled in, overrides applied), as YAML."""
     return yaml.safe_dump(dict(config), sort_keys=False)
@@ -81,4 +126,5 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
 
 
 __all__ = ["CONFIG_ARTIFACT", "SOURCE_ARTIFACT", "COMMAND_TAG", "TRAINING_RECORD", "eval_metrics",
-           "resolved_config_yaml", "command_line", "write_training_record", "read_training_record"]
+           "resolved_config_yaml", "command_line", "write_training_record", "read_training_record", "EVAL_DEFAULTS",
+           "eval_settings", "describe_eval_settings"]
