@@ -314,3 +314,16 @@ def test_drop_is_the_layers_input_dropout():
     got = layer.train().drop(x)
     torch.manual_seed(2)
     assert torch.equal(got, dropout(x, 0.5, True)) and not torch.equal(got, x)
+
+
+@pytest.mark.parametrize("method", ["hydra", "rlora"])
+def test_a_bf16_layer_keeps_its_rank_features_in_bf16(method):
+    """The router's softmax runs in fp32, then the gates are cast to the input's dtype: a bf16 layer's rank
+    features u [T, N*r] are bf16 (not promoted to fp32 by the gates), and its output is close to fp32's."""
+    torch.manual_seed(0)
+    layer = trained(LAYERS[method](torch.nn.Linear(D_IN, D_OUT), cfg(method)))
+    x = torch.randn(4, D_IN)
+    ref = layer(x)
+    low = layer.to(torch.bfloat16)
+    assert low.rank_features(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.allclose(low(x.bfloat16()).float(), ref, atol=0.05, rtol=0.05)
