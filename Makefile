@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP  := $(VENV)/.rlora-setup
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench mutate clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,13 @@ run: setup
 	$(VENV)/bin/rlora train examples/configs/cpu_demo.yaml $(ARGS)
 
 # the multi-process tests first, in a fresh pytest process (forking Ray from a process that already ran
-# many in-process DeepSpeed engines can fail for memory), then the rest; "no test selected" is fine
+# many in-process DeepSpeed engines can fail for memory), then the rest; "no test selected" is fine. Both
+# record into one trace folder; the last test of the second checks that every config field and CLI flag was
+# set, read and asserted on by some test (tests/coverage_trace.py; skipped when ARGS selects a subset)
 test: setup
-	$(VENV)/bin/pytest -q -m slow $(ARGS) || [ $$? -eq 5 ]
-	$(VENV)/bin/pytest -q -m "not slow" $(ARGS) || [ $$? -eq 5 ]
+	rm -rf .pytest_cache/rlora-trace
+	RLORA_TRACE_DIR=.pytest_cache/rlora-trace $(VENV)/bin/pytest -q -m slow $(ARGS) || [ $$? -eq 5 ]
+	RLORA_TRACE_DIR=.pytest_cache/rlora-trace $(VENV)/bin/pytest -q -m "not slow" $(ARGS) || [ $$? -eq 5 ]
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)
@@ -34,6 +37,14 @@ test-fast: setup
 bench: setup
 	for b in layer_overhead mixed_batch sampler train_throughput merged_inference; do \
 	  test -f benchmarks/$$b.py && $(PY) benchmarks/$$b.py --quick || exit 1; done
+
+# Mutation testing of the modules with correctness claims; not part of `make test` or CI (tens of minutes).
+# mutmut, not cosmic-ray or pytest-gremlins: it mutates a copy of the tree (build/mutation/, never the
+# checkout), forks each mutant from a process that has already imported torch, and runs only the tests that
+# reach the mutated function. GROUPS="layers batches" runs some groups (tools/mutate.py --list).
+mutate: setup
+	$(PY) -m pip install -q -c constraints.txt mutmut==3.8.1
+	$(PY) tools/mutate.py $(GROUPS)
 
 clean:
 	rm -rf $(VENV) outputs mlruns mlflow.db

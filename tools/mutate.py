@@ -23,9 +23,9 @@ Usage: ``python tools/mutate.py [GROUP ...] [--rev REV | --worktree] [--list]``;
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -57,7 +57,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                 ["tests/sampler/test_strategies.py", "tests/sampler/test_dynamic.py", "tests/sampler/test_budget.py",
                  "tests/sampler/test_errors.py", "tests/sampler/test_resume.py"]),
     "fold": (["rlora/export/fold.py"], ["tests/export/test_fold.py"]),
+    # the training step only (mutant-name glob below), against the accumulation test of the tiny model
+    "loop_step": (["rlora/train/loop.py"],
+                  ["tests/train/test_matrix.py::test_accumulation_equals_the_larger_batch[lora]"]),
 }
+# groups that mutate only some functions of their files: mutmut mutant-name globs
+ONLY: dict[str, list[str]] = {"loop_step": ["rlora.train.loop.xǁTrainerǁtrain_step__mutmut_*"]}
 
 
 def export_tree(dest: Path, rev: str | None) -> str:
@@ -119,7 +124,8 @@ def run_group(group: str, rev: str | None, notes: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONHASHSEED="0")
     t0 = time.monotonic()
     with open(dest / "mutmut.log", "w") as log:
-        rc = subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", "1"], cwd=dest, env=env,
+        rc = subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", "1", *ONLY.get(group, [])],
+                            cwd=dest, env=env,
                             stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.monotonic() - t0
     if rc != 0:
@@ -127,6 +133,8 @@ def run_group(group: str, rev: str | None, notes: dict) -> dict:
         raise SystemExit(f"mutate: mutmut failed for group {group!r} (exit {rc}); last lines of "
                          f"{dest / 'mutmut.log'}:\n{tail}")
     status = collect(dest)
+    if group in ONLY:
+        status = {k: v for k, v in status.items() if any(fnmatch.fnmatchcase(k, g) for g in ONLY[group])}
     per_module: dict[str, Counter] = {}
     for name, st in status.items():
         per_module.setdefault(module_of(name), Counter())[st] += 1
