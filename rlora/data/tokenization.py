@@ -21,11 +21,36 @@ def prompt_token_ids(tokenizer, prompts: Sequence[str], use_chat_template: bool)
     """Tokenise prompts. A rendered chat template already holds its special tokens; the plain layout
     gets the tokenizer's usual start tokens (a trailing eos, if the tokenizer adds one, is dropped)."""
     chat = uses_chat_template(tokenizer, use_chat_template)
-    ids = tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]
+    ids = batch_token_ids(tokenizer, list(prompts), add_special_tokens=not chat)
     eos = tokenizer.eos_token_id
     if not chat and eos is not None:
         ids = [x[:-1] if x and x[-1] == eos else x for x in ids]
-    return [list(x) for x in ids]
+    return ids
+
+
+def _backend(tokenizer):
+    """The Rust tokenizer behind ``tokenizer`` when calling it directly gives what ``tokenizer(texts)`` gives
+    (no truncation or padding set, special tokens handled alike), else ``None``."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    if bool(backend.encode_special_tokens) != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None
+    return backend
+
+
+def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=...)["input_ids"]`` as lists. A fast tokenizer's Rust backend is
+    called directly (no offsets, no per-row Python conversion); the first text is checked against the
+    ordinary call, and any difference falls back to it."""
+    backend = _backend(tokenizer)
+    if backend is not None and texts:
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+        if ids[0] == list(tokenizer(texts[:1], add_special_tokens=add_special_tokens)["input_ids"][0]):
+            return ids
+    return [list(x) for x in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
 def answer_token_ids(tokenizer, target: str, use_chat_template: bool) -> list[int]:

@@ -87,8 +87,14 @@ def load_train_data(cfg: RunConfig, tokenizer, rank: int, world_size: int) -> Tr
     dev = load_tasks(cfg.data, cfg.eval.split) if cfg.eval.max_examples_per_task != 0 else {}
     tokenized = cache.tasks
     truncated = {n: t.num_truncated for n, t in tokenized.items()}
-    for name, count in truncated.items():
-        if count:
+    cut = {n: c for n, c in truncated.items() if c}
+    if len(cut) > 10:  # many tasks: one line (the counts per task are in the run's record)
+        worst = sorted(cut, key=lambda n: -cut[n] / len(tokenized[n]))[:3]
+        log.warning("%d of %d tasks have rows longer than max_length=%d (%d rows in all, truncated from the left of "
+                    "the prompt); most: %s", len(cut), len(names), cfg.data.max_length, sum(cut.values()),
+                    ", ".join(f"{n} {cut[n]}/{len(tokenized[n])}" for n in worst))
+    else:
+        for name, count in cut.items():
             log.warning("task %s: %d of %d rows longer than max_length=%d were truncated from the left of the prompt",
                         name, count, len(tokenized[name]), cfg.data.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
