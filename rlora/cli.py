@@ -5,8 +5,10 @@ User errors print one line (``error: ...``) and exit 2 with no traceback; ``--de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -198,9 +200,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if os.environ.get("RLORA_TRACE_DIR"):  # the test suite's record of the flags runs parsed (rlora/_trace.py)
+        from ._trace import record_cli
+
+        record_cli(parser, args, debug)
+    from .train import stopping
+
     try:
-        return int(args.fn(args) or 0)
+        with stopping.on_signals() if args.command in ("train", "compare") else contextlib.nullcontext():
+            return int(args.fn(args) or 0)
     except KeyboardInterrupt:
+        signum = stopping.received()
+        if signum is not None:  # SIGTERM / SIGINT of train or compare: one line, every child process ended
+            for line in stopping.stop():
+                print(line, flush=True)
+            if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+                sys.stderr.flush()
+                os._exit(128 + signum)  # a cell's thread still unwinds from the Ray shutdown: do not wait for it
+            return 128 + signum
         print("\nerror: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except _user_errors() as err:

@@ -136,6 +136,9 @@ def _ray_init(cfg: RunConfig, verbose: bool = True) -> None:
         # placement-group cleaner polls; without it the logs fill with failed queries
         ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host=cfg.ray.dashboard_host,
                  log_to_driver=verbose, configure_logging=True, logging_level="WARNING")
+    from . import stopping
+
+    stopping.reinstall()  # ray.init replaced the SIGTERM handler: a stop is ours again (rlora.train.stopping)
 
 
 def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool, verbose: bool = True,
@@ -206,18 +209,28 @@ def run_training(cfg: RunConfig, config_yaml: Optional[str] = None, local: bool 
             if fresh:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        if local:
-            from .loop import Trainer
-            from .runtime import LocalRuntime
+        from . import stopping
 
-            runtime = LocalRuntime(Path(run["storage_dir"]), cfg.ray.num_to_keep)
-            Trainer(cfg, runtime, run).fit()
-            return _finish(cfg, run, runtime.latest, uri)
-        result = _fit_on_ray(cfg, run)
-        if result.checkpoint is None:
-            return _finish(cfg, run, None, uri)
-        with result.checkpoint.as_directory() as d:
-            return _finish(cfg, run, Path(d), uri, checkpoint_path=result.checkpoint.path)
+        stopping.track(run["run_name"], storage_dir=run["storage_dir"], world=1 if local else cfg.ray.num_workers,
+                       mlflow_run_id=run.get("mlflow_run_id"), tracking_uri=uri)
+        try:
+            if local:
+                from .loop import Trainer
+                from .runtime import LocalRuntime
+
+                runtime = LocalRuntime(Path(run["storage_dir"]), cfg.ray.num_to_keep)
+                trainer = Trainer(cfg, runtime, run)
+                stopping.track(run["run_name"], trainer=trainer)
+                trainer.fit()
+                return _finish(cfg, run, runtime.latest, uri)
+            result = _fit_on_ray(cfg, run)
+            if result.checkpoint is None:
+                return _finish(cfg, run, None, uri)
+            with result.checkpoint.as_directory() as d:
+                return _finish(cfg, run, Path(d), uri, checkpoint_path=result.checkpoint.path)
+        finally:  # a stopped run stays registered: the command's stop handler reports it
+            if stopping.received() is None:
+                stopping.untrack(run["run_name"])
 
 
 def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
@@ -230,6 +243,8 @@ def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from . import stopping
 
     # the queue lives on the driver's node: a worker node that dies (and is replaced) must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -250,9 +265,11 @@ def _fit_on_ray(cfg: RunConfig, run: dict[str, Any]):
         try:
             while not (done.is_set() and lines.empty()):
                 try:
-                    say(lines.get(timeout=0.5))
+                    line = lines.get(timeout=0.5)
                 except Empty:
-                    pass
+                    continue
+                stopping.heard(run["run_name"], line)
+                say(line)
         except ray.exceptions.RayActorError:  # the queue's actor is gone: the workers print instead
             say("[rlora] progress relay stopped (its Ray queue is gone): see the run's log for progress")
 
