@@ -53,14 +53,15 @@ class FakeClock:
 
 def test_rounds_ratio_and_spread_of_scripted_durations_are_exact(monkeypatch):
     """Through the benchmarks' own timing, ratio and summary code: b takes 2, 3, 2.5 times as long as a in
-    the three rounds (median of 3 calls each, one call per round an outlier the median drops), so the
-    figure is the median ratio 2.5 with half-range spread 0.5, exactly. Timing the calls from the start of
-    the round (b's time including a's) would give 3.5 +- 0.5, a ratio the other way 0.4."""
+    the three rounds (the median of 3 calls each; one call per round, at another place in each round, is an
+    outlier the median drops), so the figure is the median ratio 2.5 with half-range spread 0.5, exactly.
+    Timing b from the start of the round (including a's call) would give 3.5 +- 4.5, keeping each round's
+    first call 3 +- 1, a ratio the other way 0.4."""
     import _common
 
     clock = FakeClock()
     monkeypatch.setattr(_common.time, "perf_counter", clock)
-    a = [1.0] + [1.0, 9.0, 1.0] * 3                          # warm-up call, then 3 rounds of 3 calls
+    a = [1.0] + [1.0, 9.0, 1.0, 9.0, 1.0, 1.0, 1.0, 1.0, 9.0]  # warm-up call, then 3 rounds of 3 calls
     b = [5.0] + [2.0, 2.0, 0.1, 3.0, 3.0, 50.0, 2.5, 0.2, 2.5]
     rounds = _common.interleaved_rounds({"a": clock.contender(a), "b": clock.contender(b)}, rounds=3,
                                         per_round=3, warmup=1)
@@ -72,20 +73,18 @@ def test_rounds_ratio_and_spread_of_scripted_durations_are_exact(monkeypatch):
 
 
 def test_a_contender_that_sleeps_twice_as_long_measures_a_ratio_of_two():
-    """On the real clock: 40 ms against 20 ms of sleep. Sleep overshoots by a scheduler tick at most
-    (~0.1 ms idle, a few ms on a busy machine): with overshoot e on both sides the ratio is
-    (40 + e) / (20 + e), 1.82 for e = 2 ms; allowed 2 +- 0.2, and every round's ratio must be in it."""
+    """On the real clock: 60 ms against 30 ms of sleep. A sleep overshoots by the wake-up delay e (~0.1 ms
+    on an idle machine, a few ms on a busy one): (60 + e) / (30 + e) is 1.88 for e = 4 ms; allowed 2 +- 0.25
+    for the figure, the median over rounds of the median over calls, which drops a rare long delay."""
     import time
 
     from _common import figure, interleaved_rounds, ratios
 
-    out = interleaved_rounds({"short": lambda: time.sleep(0.02), "long": lambda: time.sleep(0.04)}, rounds=3,
+    out = interleaved_rounds({"short": lambda: time.sleep(0.03), "long": lambda: time.sleep(0.06)}, rounds=3,
                              per_round=3, warmup=1)
-    per_round = ratios(out["long"], out["short"])
-    assert all(1.8 <= r <= 2.2 for r in per_round), per_round
-    f = figure(per_round, "info")
-    assert f["value"] == pytest.approx(2.0, abs=0.2) and f["spread"] < 0.2 and f["rounds"] == 3
-    assert all(0.02 <= s < 0.03 for s in out["short"]), out["short"]
+    f = figure(ratios(out["long"], out["short"]), "info")
+    assert f["value"] == pytest.approx(2.0, abs=0.25) and f["rounds"] == 3, (f, out)
+    assert min(out["short"]) >= 0.03 and min(out["long"]) >= 0.06
 
 
 def test_peak_rss_sees_a_known_allocation():

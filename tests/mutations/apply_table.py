@@ -8,8 +8,8 @@ folder. For every mutation the script first checks that the mutated text is ther
 the mutation as not applied: the code moved and the table needs updating), writes the mutated file, runs
 ``python -m pytest`` on the mutation's tests in the copy with this repository's interpreter (the copy's
 ``rlora`` first on ``PYTHONPATH``, checked), prints the tests that failed and restores the file. Before the
-mutations the union of their tests runs once on the unmutated copy: a test that already fails there proves
-nothing, and is reported.
+mutations every mutation's test list runs once on the unmutated copy: a test that already fails there proves
+nothing, and is reported. A whole test file runs without its slow tests; tests named one by one run as named.
 
 A mutation is *caught* when at least one of its tests fails (and that test passed unmutated). The exit status
 is the number of mutations not caught.
@@ -47,6 +47,10 @@ class Mutation:
 STEP_LOOP = "        for batch in batches:\n            loss, s, c = forward_loss("
 BACKWARD = "            self.engine.backward(loss)\n"
 MATRIX = "tests/train/test_matrix.py"
+ROUND_LOOP = ("            for k, fn in fns.items():\n                t0 = time.perf_counter()\n"
+              "                fn()\n")
+ROUND_LOOP_MUTATED = ("            t0 = time.perf_counter()\n            for k, fn in fns.items():\n"
+                      "                fn()\n")
 
 MUTATIONS = [
     Mutation("label_smoothing", "a new field trainer.label_smoothing (float, default 0.0) that nothing reads",
@@ -81,9 +85,13 @@ MUTATIONS = [
              [("benchmarks/_common.py", "return [a / b for a, b in zip(num, den)]",
                "return [b / a for a, b in zip(num, den)]")],
              ["tests/test_benchmarks.py"]),
-    Mutation("bench_rounds_not_timed_per_call", "interleaved_rounds keeps the first call of each round "
-             "instead of the median of its calls",
+    Mutation("bench_first_call_per_round", "interleaved_rounds keeps each round's first call instead of the "
+             "median of its calls",
              [("benchmarks/_common.py", "out[k].append(statistics.median(v))", "out[k].append(v[0])")],
+             ["tests/test_benchmarks.py"]),
+    Mutation("bench_round_clock", "interleaved_rounds times every contender from the start of the round (each "
+             "call's time includes the calls before it)",
+             [("benchmarks/_common.py", ROUND_LOOP, ROUND_LOOP_MUTATED)],
              ["tests/test_benchmarks.py"]),
     Mutation("bootstrap_no_seed_level", "the bootstrap never resamples seeds (always the observed seeds)",
              [("rlora/compare/bootstrap.py", "if num_seeds > 1:", "if False:")],
@@ -96,8 +104,10 @@ def run(cmd, cwd, env, timeout=3600):
 
 
 def pytest_outcome(copy: Path, env: dict, tests: list[str]) -> tuple[int, list[str], str]:
-    """(exit status, failed/errored node ids, pytest's summary line)."""
-    proc = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *tests], copy, env)
+    """(exit status, failed/errored node ids, pytest's summary line). A whole file runs without its slow
+    (multi-process) tests; tests named one by one run whatever their marks."""
+    marks = ["-m", "not slow"] if any("::" not in t for t in tests) else []
+    proc = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *marks, *tests], copy, env)
     out = proc.stdout + proc.stderr
     failed = sorted({m.group(2) for m in re.finditer(r"^(FAILED|ERROR) (\S+)", out, re.M)})
     summary = ([ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)]
@@ -131,12 +141,18 @@ def main(argv=None) -> int:
         raise SystemExit(f"the copy's rlora is not the one imported ({where}): check PYTHONPATH")
     print(f"clean copy of {args.rev} ({rev}) in {copy}; rlora imported from the copy", flush=True)
 
-    runnable = [m for m in chosen if not (m.needs_trace and not args.trace)]
-    union = sorted({t for m in runnable for t in m.tests if not m.needs_trace})
-    t0 = time.time()
-    status, failing_clean, summary = pytest_outcome(copy, env, union)
-    print(f"unmutated: {summary} ({time.time() - t0:.0f} s)" + (f"; failing already: {failing_clean}"
-                                                                 if failing_clean else ""), flush=True)
+    clean: dict[tuple, list[str]] = {}  # test list -> tests failing on the unmutated copy
+    for m in chosen:
+        key = tuple(m.tests)
+        if key in clean or (m.needs_trace and not args.trace):
+            continue
+        t0 = time.time()
+        run_env = dict(env)
+        if m.needs_trace:
+            run_env["RLORA_TRACE_DIR"] = str(shutil.copytree(args.trace, root / "trace-clean"))
+        _, clean[key], summary = pytest_outcome(copy, run_env, m.tests)
+        print(f"unmutated {' '.join(m.tests)}: {summary} ({time.time() - t0:.0f} s)"
+              + (f"; failing already: {clean[key]}" if clean[key] else ""), flush=True)
 
     missed = 0
     for m in chosen:
@@ -148,12 +164,11 @@ def main(argv=None) -> int:
         originals: dict[str, str] = {}
         try:
             for path, old, new in m.edits:
-                text = originals.setdefault(path, (copy / path).read_text())
+                originals.setdefault(path, (copy / path).read_text())
                 current = (copy / path).read_text()
                 if current.count(old) != 1:
                     raise LookupError(f"{path}: {old.strip()[:60]!r} occurs {current.count(old)} times")
                 (copy / path).write_text(current.replace(old, new))
-                del text
         except LookupError as e:
             print(f"   NOT APPLIED: {e}")
             missed += 1
@@ -162,14 +177,12 @@ def main(argv=None) -> int:
             continue
         run_env = dict(env)
         if m.needs_trace:
-            trace = root / f"trace-{m.name}"
-            shutil.copytree(args.trace, trace)
-            run_env["RLORA_TRACE_DIR"] = str(trace)
+            run_env["RLORA_TRACE_DIR"] = str(shutil.copytree(args.trace, root / f"trace-{m.name}"))
         t0 = time.time()
         status, failed, summary = pytest_outcome(copy, run_env, m.tests)
         for path, text in originals.items():
             (copy / path).write_text(text)
-        caught = [t for t in failed if t not in failing_clean]
+        caught = [t for t in failed if t not in clean[tuple(m.tests)]]
         print(f"   tests: {' '.join(m.tests)}")
         print(f"   result: {summary} ({time.time() - t0:.0f} s)")
         if caught:
