@@ -73,3 +73,36 @@ def test_tokenize_tasks_matches_encode_example_and_counts(smol_tokenizer, caplog
     assert "task long: 1 of 3 rows longer than max_length=96 were truncated" in caplog.text
     templated = tokenize_tasks(smol_tokenizer, {"short": [MC]}, 96, templates={"short": "Q: {input}"})
     assert templated["short"][0]["input_ids"] != out["short"][0]["input_ids"]
+
+
+SPACED = Example("toy", "toy-2", "  padded input with {braces} and <|im_end|>  ", ["yes", "no"], "no")
+
+
+def test_prompt_renderer_equals_build_prompt_and_falls_back_for_a_template_that_edits_the_message(smol_tokenizer):
+    """The chat template is rendered once per task when it places the message verbatim (SmolLM2's does);
+    a template that changes the message (here: trims it) is rendered per row. Either way the prompt is
+    build_prompt's."""
+    from rlora.data.prompts import PromptRenderer
+
+    fast = PromptRenderer(smol_tokenizer)
+    assert fast.split is not None
+    trimming = copy.deepcopy(smol_tokenizer)
+    trimming.chat_template = smol_tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    assert trimming.chat_template != smol_tokenizer.chat_template
+    slow = PromptRenderer(trimming)
+    assert slow.split is None
+    for tok, render in ((smol_tokenizer, fast), (trimming, slow)):
+        for ex in (MC, MANY, FREE, SPACED):
+            assert render(ex) == build_prompt(ex, tok)
+    assert build_prompt(SPACED, trimming) != build_prompt(SPACED, smol_tokenizer)
+
+
+def test_batch_token_ids_equal_the_tokenizer_call_and_fall_back_when_truncation_is_set(smol_tokenizer):
+    from rlora.data.tokenization import _backend, batch_token_ids
+
+    texts = [build_prompt(ex, smol_tokenizer) for ex in (MC, MANY, FREE, SPACED)]
+    want = [list(x) for x in smol_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert _backend(smol_tokenizer) is not None and batch_token_ids(smol_tokenizer, texts, False) == want
+    cut = copy.deepcopy(smol_tokenizer)
+    cut._tokenizer.enable_truncation(8)
+    assert _backend(cut) is None  # the direct call would skip what the tokenizer call does
