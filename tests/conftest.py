@@ -1,3 +1,4 @@
+import coverage_trace  # first: it sets $RLORA_TRACE_DIR before anything imports rlora  # isort: skip
 import os
 import subprocess
 import sys
@@ -15,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tokenised rows of the tests' throw-away task folders go to a scratch folder, not the user's cache
 os.environ.setdefault("RLORA_TOKEN_CACHE", tempfile.mkdtemp(prefix="rlora-test-tokens-"))
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(coverage_trace.Recorder(), "rlora-coverage-trace")
 
 
 @pytest.fixture(autouse=True)

@@ -94,3 +94,9 @@ def worker_pids(root: int | None = None) -> list[int]:
 NOISE = [r"Setting accelerator to CPU", r"FutureWarning", r"DeprecationWarning", r"Checkpoint successfully created",
          r"Reporting training result", r"PreemptionWatcher", r"fontManager", r"core_worker", r"\(RayTrainWorker",
          r"\(TrainController", r"Traceback", r"-laio", r"\bWARNING\b", r"UserWarning"]
+
+
+def rows_drawn(sampler_state: dict) -> int:
+    """Rows the sampler handed out to all ranks together: per task, epochs x size + cursor."""
+    sizes = sampler_state["fingerprint"]["task_sizes"]
+    return sum(e * n + c for e, c, n in zip(sampler_state["epochs"], sampler_state["cursors"], sizes))

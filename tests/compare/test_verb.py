@@ -122,12 +122,32 @@ def test_ray_compare_console_shows_only_rlora_lines(tiny_model_dir, task_dir, tm
 
 def test_samplers_and_baseline_choose_the_arms_and_the_comparisons(tiny_model_dir, task_dir, tmp_path):
     """`--samplers proportional,round_robin --baseline hydra`: a cell per (method, sampler); round-robin trains on
-    another data order; every method is compared with hydra under each sampler, every sampler with proportional."""
+    another data order; every method is compared with hydra under each sampler, every sampler with proportional.
+    A dotted override on the command line (`trainer.seed=11`, the file says 7) sets every cell's seed;
+    `--n-boot 100` is the number of resamples behind the intervals (the report is recomputed from the cells
+    with 100; on this tiny model the arms answer alike, so the intervals are [0, 0] whatever the number);
+    `--budget total` gives LoRA the rank that matches all trainable parameters, not only A+B; `--verbose` puts
+    the library lines on the console instead of the cells' log files."""
+    from rlora.compare import summarize, to_json
+    from rlora.compare.budget import lora_rank
+    from rlora.config import load_config
+
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, task_dir, tmp_path, mlflow__enabled="false")
+    assert yaml.safe_load(cfg.read_text())["trainer"]["seed"] == 7
     out = tmp_path / "cmp"
     proc = compare(cfg, out, "--local", "--methods", "lora,hydra", "--samplers", "proportional,round_robin",
-                   "--baseline", "hydra", "--seeds", "1", "--n-boot", "100")
+                   "--baseline", "hydra", "--seeds", "1", "--n-boot", "100", "--budget", "total", "--verbose",
+                   "trainer.seed=11")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {r["seed"] for r in records(out)} == {11}
+    multihead, loaded = ["hydra", "rlora", "mtl"], load_config(cfg)
+    loaded.adapter.tasks = list(records(out)[0]["accuracy"])   # as the run fills them in from the data
+    ranks = {r["method"]: r["rank"] for r in records(out)}
+    assert ranks["lora"] == lora_rank(loaded, multihead, "total") != lora_rank(loaded, multihead, "ab")
+    assert ranks["hydra"] == loaded.adapter.r
+    library = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+               if ln.strip() and not ln.startswith(("[rlora]", "|"))]
+    assert library and not list((out / "runs").glob("*/logs/run.log"))
     recs = {(r["method"], r["sampler"]): r for r in records(out)}
     assert set(recs) == {(m, s) for m in ("lora", "hydra") for s in ("proportional", "round_robin")}
     assert recs[("lora", "round_robin")]["data_order"] == recs[("hydra", "round_robin")]["data_order"]
@@ -137,3 +157,9 @@ def test_samplers_and_baseline_choose_the_arms_and_the_comparisons(tiny_model_di
         "lora vs hydra (proportional)", "lora vs hydra (round_robin)",
         "round_robin vs proportional (lora)", "round_robin vs proportional (hydra)"]
     assert report["baseline"] == {"method": "hydra", "sampler": "proportional"}
+    assert report["n_boot"] == 100 and "100 resamples" in (out / "compare.md").read_text()
+    def by_label(comparisons):
+        return {c["label"]: c for c in comparisons}
+
+    again = to_json(summarize(records(out), "hydra", n_boot=100, seed=11))["comparisons"]
+    assert by_label(again) == by_label(report["comparisons"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,19 +56,48 @@ def test_peft_export_reloads_in_peft_with_equal_logits(method, base_dir, adapter
     assert report["exact"] is True and report["method"] == method
 
 
+def _cli_export(adapter, out, *args) -> Path:
+    """`rlora export ADAPTER --out OUT ARGS...` through the command line's entry point."""
+    from rlora.cli import main
+
+    assert main(["export", str(adapter), "--out", str(out), *args]) == 0
+    return out
+
+
 def test_mtl_peft_export_depends_on_task(base_dir, adapters, tokenizer, tmp_path):
+    """`rlora export --task`: each task's export reproduces that task's logits, and the two differ."""
     ids, mask = sample_ids(tokenizer)
-    a = _peft_logits(base_dir, export(adapters["mtl"], task="alpha", format="peft", out=tmp_path / "a"), ids, mask)
-    b = _peft_logits(base_dir, export(adapters["mtl"], task="beta", format="peft", out=tmp_path / "b"), ids, mask)
+    a = _peft_logits(base_dir, _cli_export(adapters["mtl"], tmp_path / "a", "--task", "alpha"), ids, mask)
+    b = _peft_logits(base_dir, _cli_export(adapters["mtl"], tmp_path / "b", "--task", "beta"), ids, mask)
     assert (a - b).abs().max() > 1e-3
     assert (a - adapter_logits(base_dir, adapters["mtl"], 0, ids, mask)).abs().max() <= TOL
+    assert (b - adapter_logits(base_dir, adapters["mtl"], 1, ids, mask)).abs().max() <= TOL
+
+
+def test_adapter_tasks_name_the_task_ids(base_dir, adapters, tokenizer, tmp_path):
+    """``adapter.tasks``: task id i is ``tasks[i]``. The same mtl weights with the list reversed in the
+    adapter's config export, under the name alpha, the update that task id 1 makes."""
+    import shutil
+
+    from rlora.adapter_io import CONFIG_NAME
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(adapters["mtl"], flipped)
+    meta = json.loads((flipped / CONFIG_NAME).read_text())
+    assert meta["tasks"] == TASKS
+    (flipped / CONFIG_NAME).write_text(json.dumps(dict(meta, tasks=TASKS[::-1])))
+    ids, mask = sample_ids(tokenizer)
+    got = _peft_logits(base_dir, _cli_export(flipped, tmp_path / "o", "--task", "alpha"), ids, mask)
+    assert (got - adapter_logits(base_dir, adapters["mtl"], 1, ids, mask)).abs().max() <= TOL
+    assert (got - adapter_logits(base_dir, adapters["mtl"], 0, ids, mask)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", ["lora", "mtl"])
 def test_merged_export_reloads_with_automodel_and_equal_logits(method, base_dir, adapters, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = export(adapters[method], task="alpha", format="merged", out=tmp_path / "merged")
+    out = _cli_export(adapters[method], tmp_path / "merged", "--task", "alpha", "--format", "merged")
+    assert not (out / "adapter_config.json").exists()       # a whole model, not a PEFT adapter (the default)
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok("hello")["input_ids"] == tokenizer("hello")["input_ids"]
@@ -148,7 +178,7 @@ def test_export_refuses_non_empty_out_and_overwrites_on_request(adapters, tmp_pa
     with pytest.raises(ExportError, match="--overwrite"):
         export(adapters["lora"], format="multihead", out=out)
     assert (out / "keep.txt").is_file()
-    export(adapters["lora"], format="multihead", out=out, overwrite=True)
+    _cli_export(adapters["lora"], out, "--format", "multihead", "--overwrite")   # `rlora export --overwrite`
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]    # no temp dirs left beside it
 

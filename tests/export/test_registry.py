@@ -122,14 +122,20 @@ def test_register_load_by_alias_predicts_like_in_process(base_dir, adapters, mlf
 
 
 @pytest.mark.slow
-def test_promotion_moves_the_champion_alias(adapters, mlflow_env):
+def test_promotion_moves_the_champion_alias(adapters, mlflow_env, capsys):
+    """`rlora register --alias champion` points champion at the new version; the next registration (default
+    alias) becomes the challenger and leaves champion where it was, until it is moved."""
     from mlflow.tracking import MlflowClient
 
+    from rlora.cli import main
+
     uri = mlflow_env["uri"]
-    first = register(adapters["lora"], name="rlora-promo", alias="champion", tracking_uri=uri)
-    second = register(adapters["lora"], name="rlora-promo", alias="challenger", tracking_uri=uri)
+    assert main(["register", str(adapters["lora"]), "--name", "rlora-promo", "--alias", "champion",
+                 "--tracking-uri", uri]) == 0
+    assert "rlora-promo version 1 as @champion" in capsys.readouterr().out
+    second = register(adapters["lora"], name="rlora-promo", tracking_uri=uri)
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert str(c.get_model_version_by_alias("rlora-promo", "champion").version) == first.version == "1"
+    assert str(c.get_model_version_by_alias("rlora-promo", "champion").version) == "1"
     assert str(c.get_model_version_by_alias("rlora-promo", "challenger").version) == second.version == "2"
     c.set_registered_model_alias("rlora-promo", "champion", second.version)
     assert str(c.get_model_version_by_alias("rlora-promo", "champion").version) == "2"
@@ -176,17 +182,21 @@ def test_register_from_run_id_and_unknown_task(adapters, mlflow_env, capsys):
 
 
 @pytest.mark.slow
-def test_export_from_run_id_logs_the_report(adapters, data_dir, mlflow_env, tmp_path):
+def test_export_from_run_id_logs_the_report(adapters, data_dir, mlflow_env, tmp_path, monkeypatch):
+    """`rlora export RUN_ID --tracking-uri URI` (no $MLFLOW_TRACKING_URI: the flag alone finds the run) exports
+    the run's adapter and logs the export's report back to that run."""
     from mlflow.tracking import MlflowClient
 
-    from rlora.export import export
+    from rlora.cli import main
 
     uri = mlflow_env["uri"]
     c = MlflowClient(tracking_uri=uri)
     run = c.create_run(c.get_experiment_by_name(mlflow_env["experiment"]).experiment_id)
     c.log_artifacts(run.info.run_id, str(adapters["rlora"]), "adapter")
-    out = export(run.info.run_id, task="beta", format="peft", out=tmp_path / "peft", data=data_dir, max_examples=2,
-                 tracking_uri=uri)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    out = tmp_path / "peft"
+    assert main(["export", run.info.run_id, "--task", "beta", "--out", str(out), "--data", str(data_dir),
+                 "--max-examples", "2", "--tracking-uri", uri]) == 0
     report = json.loads((out / "export_report.json").read_text())
     metrics = c.get_run(run.info.run_id).data.metrics
     assert metrics["export/beta/relative_logit_error"] == pytest.approx(report["relative_logit_error"])
@@ -238,17 +248,20 @@ def test_register_and_load_by_alias_over_http(base_dir, adapters, mlflow_server,
 
 def test_cli_task_and_base_model_are_recorded_on_the_version(adapters, mlflow_env, tmp_path, capsys):
     """`--task` (the default task of a multi-head adapter's rows) and `--base-model` (instead of the adapter's
-    recorded base) end up in the registered version's tags and model config."""
+    recorded base) end up in the registered version's tags and model config; `--experiment` names the
+    experiment of the registration run (without it: $MLFLOW_EXPERIMENT_NAME, here rlora-test)."""
     from mlflow.tracking import MlflowClient
 
     from rlora.cli import main
 
     uri = mlflow_env["uri"]
     assert main(["register", str(adapters["hydra"]), "--name", "rlora-tagged", "--task", "beta",
-                 "--base-model", "org/other-base", "--tracking-uri", uri]) == 0
+                 "--base-model", "org/other-base", "--tracking-uri", uri, "--experiment", "registrations"]) == 0
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = c.get_model_version_by_alias("rlora-tagged", "challenger")
     assert mv.tags["base_model"] == "org/other-base" and mv.tags["task"] == "beta"
+    assert c.get_experiment(c.get_run(mv.run_id).info.experiment_id).name == "registrations"
     default = register(adapters["hydra"], name="rlora-untagged", tracking_uri=uri)
     mv0 = c.get_model_version("rlora-untagged", default.version)
     assert mv0.tags["base_model"] != "org/other-base" and mv0.tags.get("task", "") == ""
+    assert c.get_experiment(c.get_run(mv0.run_id).info.experiment_id).name == mlflow_env["experiment"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_config
+from helpers import rows_drawn, run_config
 from rlora.train.launcher import run_training
 
 
@@ -36,6 +36,9 @@ def test_local_equals_one_ray_worker(local_ray, tiny_model_dir, task_dir, tmp_pa
     assert diff <= 1e-6
     assert local_res.summary["sampler_state"] == ray_res.summary["sampler_state"]
     assert local_res.summary["results_after"] == ray_res.summary["results_after"]
+    # ray.num_workers=1 (2 by default, tests/train/test_trainer.py): one rank draws 6 steps x 2 micro-batches x 2 rows
+    state = ray_res.summary["sampler_state"]
+    assert state["fingerprint"]["world_size"] == 1 and rows_drawn(state) == 6 * 2 * 2 * 1
 
 
 @pytest.mark.slow

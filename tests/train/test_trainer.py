@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from rlora.config import ConfigError
 from rlora.train.launcher import run_training
-from helpers import run_config, worker_pids
+from helpers import rows_drawn, run_config, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,8 @@ def test_two_workers_train_and_loss_falls(local_ray, tiny_model_dir, task_dir, t
     res = run_training(cfg)
     s = res.summary
     assert s["global_step"] == 12
+    # ray.num_workers=2: two ranks, each its own 4 rows of every step (one worker draws half: tests/train/test_loop.py)
+    assert s["sampler_state"]["fingerprint"]["world_size"] == 2 and rows_drawn(s["sampler_state"]) == 12 * 4 * 2
     from mlflow.tracking import MlflowClient
 
     hist = MlflowClient(res.tracking_uri).get_metric_history(res.mlflow_run_id, "train/loss")
