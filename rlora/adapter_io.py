@@ -19,6 +19,7 @@ from .layers import AdapterError
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+FINGERPRINT_KEY = "base_fingerprint"  # sha256 of the base weights (rlora.hf.fingerprint), where recorded
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -31,13 +32,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], state: dict | None = None,
-                 extra: dict | None = None) -> Path:
-    """Write the adapter atomically into ``path`` (created, or an existing empty directory)."""
+                 extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the adapter atomically into ``path`` (created, or an existing empty directory). With
+    ``overwrite`` (``save_pretrained``'s behaviour), ``path`` may be any directory: the two adapter
+    files are replaced, each atomically, and everything else in it is left alone."""
     cfg = adapter_config(model)
     if cfg is None:
         raise AdapterError("model has no adapters to save: call rlora.inject first")
     out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out} exists and is not a directory: choose a new path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise AdapterError(f"{out} exists and is not an empty directory: choose a new path")
     state = adapter_state_dict(model) if state is None else state
     if not state or any(t.numel() == 0 for t in state.values()):
@@ -48,16 +53,22 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], state: dict | 
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME))
         meta = {"format": "rlora-adapter", "version": FORMAT_VERSION, **cfg.model_dump(), **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        if out.is_dir() and overwrite:
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(tmp / name, out / name)
+            tmp.rmdir()
+        else:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def read_adapter_config(path: Union[str, os.PathLike]) -> AdapterConfig:
+def read_adapter_meta(path: Union[str, os.PathLike]) -> dict:
+    """The checked contents of the adapter's config file (the config fields and what ``extra`` added)."""
     p = Path(path)
     cfg_file, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
     if not p.is_dir():
@@ -72,6 +83,11 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> AdapterConfig:
         raise AdapterError(f"{cfg_file} is corrupted (invalid JSON at line {err.lineno}): re-export the adapter") from None
     if meta.get("format") != "rlora-adapter":
         raise AdapterError(f"{cfg_file} is not an rlora adapter config (a PEFT adapter? load it with peft)")
+    return meta
+
+
+def read_adapter_config(path: Union[str, os.PathLike]) -> AdapterConfig:
+    meta = read_adapter_meta(path)
     fields = {k: v for k, v in meta.items() if k in AdapterConfig.model_fields}
     return AdapterConfig.model_validate(fields)
 
@@ -104,11 +120,28 @@ def config_mismatch(have: AdapterConfig, saved: AdapterConfig) -> Optional[tuple
     return None
 
 
+def check_base_fingerprint(model: nn.Module, path: Path, meta: dict) -> None:
+    """Refuse a base model whose weights differ from the ones the adapter was trained on."""
+    saved = meta.get(FINGERPRINT_KEY)
+    if saved is None:
+        return
+    from .hf.fingerprint import base_fingerprint
+
+    have = base_fingerprint(model)
+    if have != saved:
+        name = meta.get("base_model") or f"named in its {CONFIG_NAME}"
+        raise AdapterError(f"{path} was trained on other base weights (fingerprint {saved[:18]}, this model's "
+                           f"{have[:18]}): load the base model it was saved from ({name}), in the same dtype")
+
+
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model``: a base model gets it injected
-    first; a model that already has adapters must agree on every setting in :data:`OUTPUT_FIELDS`."""
+    first; a model that already has adapters must agree on every setting in :data:`OUTPUT_FIELDS`.
+    An adapter that records the fingerprint of its base weights (``save_pretrained`` writes one) is
+    only loaded into a model whose base weights have that fingerprint."""
     p = Path(path)
     cfg = read_adapter_config(p)
+    check_base_fingerprint(model, p, read_adapter_meta(p))
     have = adapter_config(model)
     if have is None:
         inject(model, cfg)

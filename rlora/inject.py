@@ -1,12 +1,13 @@
 """Inject adapter layers into any Hugging Face causal LM by module-name suffix; merge and unmerge."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, Optional, Union
 
 from torch import nn
 
 from .config import AdapterConfig
-from .context import install_task_id_hooks
+from .context import install_checkpoint_routing, install_task_id_hooks, uninstall_task_id_routing
 from .layers import LAYERS, AdapterError, MultiHeadLoRALinear
 
 
@@ -46,6 +47,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         cfg.base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     model.rlora_config = cfg
     install_task_id_hooks(model)
+    install_checkpoint_routing(model)
     return model
 
 
@@ -95,6 +97,41 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Restore the base weights exactly (W0 is kept aside while merged)."""
     for _, layer in adapter_layers(model):
         layer.unmerge()
+    return model
+
+
+def _swap(model: nn.Module, pairs: list[tuple[str, nn.Module]]) -> None:
+    for name, module in pairs:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@contextmanager
+def bypass(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every adapter layer is replaced by the ``nn.Linear`` it wraps: the model
+    computes exactly the base model (``h = W0 x``; no task ids needed). Restored on exit."""
+    layers = list(adapter_layers(model))
+    if any(layer.merged_task is not None for _, layer in layers):
+        raise AdapterError("the adapter is merged into the base weights: call rlora.unmerge(model) before "
+                           "disabling it")
+    _swap(model, [(name, layer.base) for name, layer in layers])
+    try:
+        yield model
+    finally:
+        _swap(model, layers)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by its (possibly merged) ``nn.Linear`` and drop the adapter's
+    config, task-id hooks and checkpoint routing: a plain Hugging Face model again."""
+    if adapter_config(model) is None:
+        raise AdapterError("model has no adapters to unload")
+    layers = list(adapter_layers(model))
+    for _, layer in layers:
+        layer._w0_backup = None
+    _swap(model, [(name, layer.base) for name, layer in layers])
+    del model.rlora_config
+    uninstall_task_id_routing(model)
     return model
 
 

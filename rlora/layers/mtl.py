@@ -49,12 +49,18 @@ class MTLLoRALinear(MultiHeadLoRALinear):
     def _ids(self, batch: int) -> torch.Tensor:
         ids = current_task_ids()
         if ids is None:
-            raise AdapterError("MTL-LoRA needs per-sample task ids: wrap the forward in "
-                               "`with rlora.task_ids(ids):` or pass `task_ids=` to the model")
+            raise AdapterError("MTL-LoRA needs per-sample task ids and none reached this layer: pass `task_ids=` "
+                               "to the model or wrap the call in `with rlora.task_ids(ids):`; under Hugging Face "
+                               "Trainer, which drops a `task_ids` column the model's forward does not name, train "
+                               "rlora.get_adapter_model(model, config) instead of the bare injected model")
         if ids.numel() == 1 and batch != 1:
             ids = ids.expand(batch)
         if ids.numel() != batch:
             raise AdapterError(f"got {ids.numel()} task ids for a batch of {batch} samples")
+        if torch.compiler.is_compiling():
+            # the range check reads the ids on the host, which would break the graph (a new graph per
+            # batch); compiled code leaves out-of-range ids to the bounds check of the indexing below
+            return ids.to(self.lora_A.device)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.num_tasks:
             bad = hi if hi >= self.num_tasks else lo
