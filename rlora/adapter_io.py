@@ -1,4 +1,10 @@
-"""Save and load adapters: ``adapter_model.safetensors`` + ``adapter_config.json``. Never unpickles."""
+"""Save and load adapters: ``rlora_adapter.safetensors`` + ``rlora_adapter.json``. Never unpickles.
+
+The file names are rlora's own, not PEFT's (``adapter_model.safetensors`` + ``adapter_config.json``): a
+multi-head adapter is not a PEFT LoRA adapter, and PEFT, vLLM and SGLang now find no adapter in its folder
+instead of failing on a config they half understand (vLLM: "Missing required configuration fields
+{'lora_alpha'}"). Folders saved before under PEFT's names (``format: rlora-adapter`` in the config) still
+load. ``rlora export --format peft`` writes the PEFT adapter of one task."""
 from __future__ import annotations
 
 import json
@@ -16,10 +22,28 @@ from .config import AdapterConfig
 from .inject import adapter_config, adapter_layers, inject
 from .layers import AdapterError
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "rlora_adapter.safetensors"
+CONFIG_NAME = "rlora_adapter.json"
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"   # PEFT's names, used by rlora before; read, never written
+LEGACY_CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
 FINGERPRINT_KEY = "base_fingerprint"  # sha256 of the base weights (rlora.hf.fingerprint), where recorded
+
+
+def adapter_files(path: Union[str, os.PathLike]) -> Optional[tuple[Path, Path]]:
+    """``(config, weights)`` of the rlora adapter in ``path``: rlora's own names, else the legacy PEFT names
+    when that config says ``format: rlora-adapter``; None when the folder holds neither."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file():
+        return p / CONFIG_NAME, p / WEIGHTS_NAME
+    cfg, weights = p / LEGACY_CONFIG_NAME, p / LEGACY_WEIGHTS_NAME
+    if cfg.is_file() and weights.is_file():
+        try:
+            if json.loads(cfg.read_text()).get("format") == "rlora-adapter":
+                return cfg, weights
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return cfg, weights   # read_adapter_config names the corruption
+    return None
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,13 +94,16 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], state: dict | 
 def read_adapter_meta(path: Union[str, os.PathLike]) -> dict:
     """The checked contents of the adapter's config file (the config fields and what ``extra`` added)."""
     p = Path(path)
-    cfg_file, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
     if not p.is_dir():
         raise AdapterError(f"adapter directory {p} does not exist")
-    if (p / "adapter_model.bin").exists() and not weights.exists():
+    files = adapter_files(p)
+    if files is None and (p / "adapter_model.bin").exists():
         raise AdapterError(f"{p} holds a pickle (.bin) adapter: only safetensors adapters are loaded")
-    if not cfg_file.is_file() or not weights.is_file():
+    if files is None and (p / LEGACY_CONFIG_NAME).is_file():
+        raise AdapterError(f"{p} holds a PEFT adapter ({LEGACY_CONFIG_NAME}), not an rlora adapter: load it with peft")
+    if files is None:
         raise AdapterError(f"{p} is not an rlora adapter: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    cfg_file, _ = files
     try:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
@@ -150,10 +177,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
         raise AdapterError(f"adapter.{field} is {saved_value!r} in {p} but {model_value!r} in the model's "
                            "adapters: load it into a fresh base model (it injects itself) or inject with the "
                            f"same adapter.{field}")
+    weights_file = adapter_files(p)[1]
     try:
-        saved = load_file(str(p / WEIGHTS_NAME))
+        saved = load_file(str(weights_file))
     except Exception as err:  # safetensors raises its own error types on truncated files
-        raise AdapterError(f"{p / WEIGHTS_NAME} is truncated or corrupted ({err}): re-export the adapter") from None
+        raise AdapterError(f"{weights_file} is truncated or corrupted ({err}): re-export the adapter") from None
     current = adapter_state_dict(model)
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))

@@ -21,7 +21,7 @@ def test_save_load_round_trips_logits_exactly(tmp_path, method):
     out = tmp_path / "adapter"
     out.mkdir()  # an existing empty directory is accepted
     rlora.save_adapter(model, out)
-    meta = json.loads((out / "adapter_config.json").read_text())
+    meta = json.loads((out / "rlora_adapter.json").read_text())
     assert meta["method"] == method and meta["tasks"] == TASKS and meta["r"] == 8
     assert meta["base_model"] == "tiny-llama"  # the base model's name or path is recorded
     fresh = rlora.load_adapter(tiny_llama(), out)
@@ -34,7 +34,7 @@ def test_rlora_offset_is_saved(tmp_path):
     rlora.save_adapter(model, tmp_path / "a")
     from safetensors.torch import load_file
 
-    keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
+    keys = load_file(str(tmp_path / "a" / "rlora_adapter.safetensors")).keys()
     assert any(k.endswith("offset_A") for k in keys) and any(k.endswith("offset_B") for k in keys)
 
 
@@ -55,10 +55,31 @@ def test_load_errors(tmp_path):
     with pytest.raises(AdapterError, match=r"tensor .*lora_A has shape .* another base model"):
         rlora.load_adapter(tiny_llama(hidden=32), tmp_path / "a")
     # truncated weights
-    w = tmp_path / "a" / "adapter_model.safetensors"
+    w = tmp_path / "a" / "rlora_adapter.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(AdapterError, match="truncated or corrupted"):
         rlora.load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_files_are_not_named_like_peft_and_legacy_folders_still_load(tmp_path):
+    """rlora's own file names, so PEFT/vLLM/SGLang find no adapter_config.json to half-read; a folder saved
+    under PEFT's names before (format rlora-adapter) loads to the same logits, and a real PEFT folder is named."""
+    model = perturb(rlora.inject(tiny_llama(), rlora.AdapterConfig(method="rlora", tasks=TASKS)))
+    rlora.save_adapter(model, tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["rlora_adapter.json", "rlora_adapter.safetensors"]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (tmp_path / "new" / "rlora_adapter.json").rename(legacy / "adapter_config.json")
+    (tmp_path / "new" / "rlora_adapter.safetensors").rename(legacy / "adapter_model.safetensors")
+    ids = torch.randint(0, 128, (3, 6))
+    with rlora.task_ids([0, 1, 2]):
+        assert torch.equal(rlora.load_adapter(tiny_llama(), legacy)(ids).logits, model(ids).logits)
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    (peft_dir / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterError, match="PEFT adapter .*load it with peft"):
+        rlora.load_adapter(tiny_llama(), peft_dir)
 
 
 def test_pickle_adapters_are_refused(tmp_path):

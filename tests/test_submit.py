@@ -72,7 +72,7 @@ def test_submit_wait_succeeds_and_records_adapter_and_mlflow(ray_head, tiny_mode
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
-    assert (out / "submitted" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "submitted" / "adapter" / "rlora_adapter.safetensors").is_file()
     assert list((tmp_path / "store" / "submitted").glob("checkpoint_*"))
     from mlflow.tracking import MlflowClient
 

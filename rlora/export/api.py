@@ -2,6 +2,7 @@
 the full multi-head adapter -- written atomically, with a report of how exact the export is."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -11,11 +12,12 @@ from typing import Optional, Union
 
 import torch
 
-from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_files, load_adapter
 from ..config import AdapterConfig
 from .errors import ExportError
-from .fold import (EXACT_METHODS, ROUTED_METHODS, apply_weights, average_gates, fold_adapter, folded_weights,
-                   iter_layer_gates, load_dev_examples, relative_logit_error, task_index, token_batches)
+from .fold import (EXACT_METHODS, ROUTED_METHODS, apply_weights, compact_all, fold_adapter, folded_weights,
+                   iter_layer_gates, load_dev_examples, reference_pass, relative_errors, served_model, task_index,
+                   token_batches)
 from .merged import write_merged
 from .peft_format import write_peft
 from .source import check_adapter, resolved, run_id_of
@@ -40,6 +42,23 @@ def base_model_name(cfg: AdapterConfig, override: Optional[str] = None) -> str:
     except OSError:
         pass
     return name
+
+
+def serving_report(folder: Path, final: Path, format: str, record: dict, name: str, rank: int) -> dict:
+    """The engines' view of the files in ``folder`` (to be renamed to ``final``): the commands that serve it
+    and one line for each thing vLLM or SGLang would reject or compute differently."""
+    from .serving_rules import check_merged_dir, check_peft_dir, serving_commands
+
+    base = record["serve_as"]
+    if format == "peft":
+        base_cfg = Path(base) / "config.json"
+        findings = check_peft_dir(folder, json.loads(base_cfg.read_text()) if base_cfg.is_file() else None)
+        commands = serving_commands(base, {name: str(final)}, rank)
+    else:
+        findings = check_merged_dir(folder)
+        commands = {"vllm": f"vllm serve {final}",
+                    "sglang": f"python -m sglang.launch_server --model-path {final}"}
+    return {**commands, "findings": [f.line(final) for f in findings], "base_model_note": record.get("note")}
 
 
 def _write_report(folder: Path, report: dict, staging: StagedDir) -> None:
@@ -67,10 +86,11 @@ def _log_to_run(run_id: str, tracking_uri: Optional[str], report: dict) -> None:
 
 def _export_multihead(adapter_dir: Path, cfg: AdapterConfig, staging: StagedDir, report: dict,
                       base_override: Optional[str]) -> None:
+    src_config, src_weights = adapter_files(adapter_dir)          # rlora's names, or the legacy PEFT ones
     with staging as tmp:
-        shutil.copyfile(adapter_dir / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        shutil.copyfile(src_weights, tmp / WEIGHTS_NAME)
         staging.wrote(WEIGHTS_NAME)
-        meta = json.loads((adapter_dir / CONFIG_NAME).read_text())
+        meta = json.loads(src_config.read_text())
         if base_override:
             meta["base_model"] = base_override
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -110,7 +130,9 @@ def export(source: PathLike, task: Optional[str] = None, format: str = "peft", o
                   "source": str(source), "mlflow_run_id": rid, "adapter_tasks": list(cfg.tasks),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if format == "multihead":
-            report.update(base_model=base_model or cfg.base_model, exact=True, relative_logit_error=0.0)
+            report.update(base_model=base_model or cfg.base_model, exact=True, relative_logit_error=0.0,
+                          serving={"findings": [f"{e} cannot load an rlora multi-head adapter: export one task with "
+                                                "--format peft" for e in ("vLLM", "SGLang")]})
             _export_multihead(adapter_dir, cfg, staging, report, base_model)
             return staging.out
         base = base_model_name(cfg, base_model)
@@ -123,17 +145,24 @@ def export(source: PathLike, task: Optional[str] = None, format: str = "peft", o
             raise ExportError("--data needs --task: the dev rows of that task are used to measure the export")
 
         from ..models import load_base_model, load_tokenizer
+        from .base_record import describe_base
 
         model = load_base_model(base)
+        record = describe_base(base, model)
         load_adapter(model, adapter_dir)
         model.eval()
         tokenizer = load_tokenizer(base) if (examples or format == "merged") else None
         batches = token_batches(tokenizer, examples, max_length, batch_size, use_chat_template) if examples else []
-        gates, tokens = (average_gates(model, batches) if routed else ({}, sum(int(b.attention_mask.sum()) for b in batches)))
+        reference = reference_pass(model, batches, tid) if batches else None
+        gates, tokens = (reference.gates, reference.tokens) if reference is not None else ({}, 0)
         folds = fold_adapter(model, tid, gates if routed else None)
+        block_rank = next(iter(folds.values())).rank if folds else 0
+        if format == "peft" and folds and block_rank > cfg.r:
+            folds = compact_all(folds)          # R-LoRA's [Σḡ B, −B̄⁰][A; A⁰] -> the net update's own factors
         rank = next(iter(folds.values())).rank if folds else 0
-        report.update(base_model=base, rank=rank, scaling=cfg.scaling, exact=cfg.method in EXACT_METHODS,
-                      dev_examples=len(examples), dev_tokens=tokens, relative_logit_error=None)
+        report.update(base_model=record["serve_as"], base_model_record=record, rank=rank, block_rank=block_rank,
+                      scaling=cfg.scaling, exact=cfg.method in EXACT_METHODS, dev_examples=len(examples),
+                      dev_tokens=tokens, relative_logit_error=None, relative_logit_error_bf16=None)
         if routed:
             report["average_gates"] = dict(iter_layer_gates(gates))
         plain = None
@@ -142,16 +171,24 @@ def export(source: PathLike, task: Optional[str] = None, format: str = "peft", o
             plain = apply_weights(load_base_model(base), weights)
             del weights
         if batches:
-            report["relative_logit_error"] = relative_logit_error(model, plain, batches, tid)
-        if not torch.isfinite(torch.tensor(report["relative_logit_error"] or 0.0)):
-            raise ExportError("the measured relative logit error is not finite: the adapter weights hold NaN/inf")
+            # fp32: the fold itself; bf16: the export as an engine runs it (PEFT: an unmerged LoRA, merged: the
+            # merged weights), both against the adapter model in fp32
+            served = (served_model(load_base_model(base), folds, torch.bfloat16) if format == "peft"
+                      else copy.deepcopy(plain).to(torch.bfloat16))
+            report.update(relative_errors(model, {"relative_logit_error": plain, "relative_logit_error_bf16": served},
+                                          batches, tid, reference))
+            del served
         del model
+        for key in ("relative_logit_error", "relative_logit_error_bf16"):
+            if not torch.isfinite(torch.tensor(report[key] or 0.0)):
+                raise ExportError("the measured relative logit error is not finite: the adapter weights hold NaN/inf")
         if rid is not None:
             _log_to_run(rid, tracking_uri, report)
         with staging as tmp:
             if format == "peft":
-                write_peft(tmp, cfg, folds, base, on_file=staging.wrote)
+                write_peft(tmp, cfg, folds, record["serve_as"], on_file=staging.wrote, revision=record["revision"])
             else:
                 write_merged(tmp, plain, tokenizer, on_file=staging.wrote)
+            report["serving"] = serving_report(tmp, staging.out, format, record, task or "adapter", rank)
             _write_report(tmp, report, staging)
     return staging.out

@@ -2,31 +2,62 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from pathlib import Path
 
 from ..cli import extra_command
+
+
+def library_log(command: str) -> Path:
+    """Where a command's library output (transformers' "Loading weights" and MLflow's "Downloading
+    artifacts" progress bars, warnings) goes: ``$RLORA_CACHE/logs/<command>-<time>-<pid>.log``."""
+    from ..models import cache_root
+
+    return cache_root() / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
+    from .. import console
     from .api import REPORT_NAME, export
 
-    out = export(args.source, task=args.task, format=args.format, out=args.out, data=args.data,
-                 base_model=args.base_model, tracking_uri=args.tracking_uri, max_examples=args.max_examples,
-                 max_length=args.max_length, overwrite=args.overwrite)
+    log = library_log("export")
+    with console.run_log(log):
+        out = export(args.source, task=args.task, format=args.format, out=args.out, data=args.data,
+                     base_model=args.base_model, tracking_uri=args.tracking_uri, max_examples=args.max_examples,
+                     max_length=args.max_length, overwrite=args.overwrite)
     report = json.loads((out / REPORT_NAME).read_text())
-    err = report.get("relative_logit_error")
+    err, err16 = report.get("relative_logit_error"), report.get("relative_logit_error_bf16")
     what = "exact" if report.get("exact") else "average-gate fold"
-    extra = f", relative logit error {err:.3g} on {report.get('dev_examples')} dev rows" if err is not None else ""
-    print(f"[rlora] {args.format} export of {report['method']} ({what}{extra}) -> {out}")
+    extra = ""
+    if err is not None:
+        extra = f", relative logit error {err:.3g} (fp32)"
+        extra += f" / {err16:.3g} (bf16, as served)" if err16 is not None else ""
+        extra += f" on {report.get('dev_examples')} dev rows"
+    rank = f", rank {report['rank']}" if report.get("rank") else ""
+    print(f"[rlora] {args.format} export of {report['method']} ({what}{rank}{extra}) -> {out}")
+    serving = report.get("serving") or {}
+    for line in serving.get("findings", []):
+        print(f"[rlora] warning: {line}")
+    if serving.get("vllm"):
+        print(f"[rlora] serve with vLLM:   {serving['vllm']}")
+        print(f"[rlora] serve with SGLang: {serving['sglang']}")
+    if serving.get("base_model_note"):
+        print(f"[rlora] base model: {serving['base_model_note']}")
+    print(f"[rlora] library output: {log}")
     return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    from .. import console
     from .registry import register
 
-    reg = register(args.source, name=args.name, alias=args.alias, tracking_uri=args.tracking_uri, task=args.task,
-                   base_model=args.base_model, experiment=args.experiment)
+    log = library_log("register")
+    with console.run_log(log):
+        reg = register(args.source, name=args.name, alias=args.alias, tracking_uri=args.tracking_uri, task=args.task,
+                       base_model=args.base_model, experiment=args.experiment)
     print(f"[rlora] registered {reg.name} version {reg.version} as @{reg.alias} (run {reg.run_id}); load with "
           f"mlflow.pyfunc.load_model('{reg.model_uri}')")
     return 0

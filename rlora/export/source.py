@@ -2,8 +2,8 @@
 
 A SOURCE is one of
 
-* an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, written by
-  :func:`rlora.save_adapter`);
+* an adapter directory (``rlora_adapter.json`` + ``rlora_adapter.safetensors``, written by
+  :func:`rlora.save_adapter`; older folders under PEFT's names are read too);
 * a folder holding ``adapter/``: a Ray checkpoint directory, or a training output folder
   ``<trainer.output_dir>/<run_name>``;
 * a folder of Ray checkpoints ``checkpoint_*/adapter`` (the latest one is used);
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_files, read_adapter_config
 from ..config import AdapterConfig
 from ..layers import AdapterError
 from .errors import ExportError
@@ -46,7 +46,7 @@ def tracking_uri_for(tracking_uri: Optional[str]) -> str:
 
 
 def _is_adapter_dir(p: Path) -> bool:
-    return (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
+    return adapter_files(p) is not None
 
 
 def _checkpoint_key(p: Path) -> tuple[int, str]:

@@ -179,7 +179,7 @@ def test_export_refuses_non_empty_out_and_overwrites_on_request(adapters, tmp_pa
         export(adapters["lora"], format="multihead", out=out)
     assert (out / "keep.txt").is_file()
     _cli_export(adapters["lora"], out, "--format", "multihead", "--overwrite")   # `rlora export --overwrite`
-    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+    assert not (out / "keep.txt").exists() and (out / "rlora_adapter.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]    # no temp dirs left beside it
 
 
@@ -245,9 +245,9 @@ def test_cli_base_model_overrides_the_recorded_one(adapters, base_dir, tmp_path,
     shutil.copytree(base_dir, moved)
     adapter = tmp_path / "adapter"
     shutil.copytree(adapters["lora"], adapter)
-    meta = json.loads((adapter / "adapter_config.json").read_text())
+    meta = json.loads((adapter / "rlora_adapter.json").read_text())
     meta["base_model"] = str(tmp_path / "no-such-base")
-    (adapter / "adapter_config.json").write_text(json.dumps(meta))
+    (adapter / "rlora_adapter.json").write_text(json.dumps(meta))
     assert main(["export", str(adapter), "--format", "peft", "--out", str(tmp_path / "a")]) == 2
     assert "no-such-base" in capsys.readouterr().err
     assert main(["export", str(adapter), "--format", "peft", "--out", str(tmp_path / "b"),

@@ -6,7 +6,7 @@ import torch
 
 import rlora
 from rlora.export import ExportError
-from rlora.export.fold import fold_adapter, fold_layer, task_index
+from rlora.export.fold import compact, compact_all, fold_adapter, fold_layer, pad_rank, task_index
 from rlora.export.peft_format import peft_config, peft_state_dict
 from rlora.layers import LAYERS
 
@@ -105,3 +105,99 @@ def test_task_index_rules():
         task_index(rlora.AdapterConfig(method="hydra", tasks=["a"]), None)
     assert task_index(rlora.AdapterConfig(method="lora"), "anything") is None
     assert task_index(rlora.AdapterConfig(method="rlora"), "x") is None      # no task list: only names dev data
+
+
+NEAR_UNIFORM = torch.tensor([0.34, 0.33, 0.33])
+
+
+def _trained_rlora_layer(d_in: int = 64, d_out: int = 48, steps_scale: float = 0.02):
+    """An R-LoRA layer as after a short training: heads at their large random init (gamma=1) plus small
+    updates of A and B; with near-uniform average gates (the router starts at zero) ΔW = s(Σ ḡ B A − B̄⁰ A⁰)
+    is small next to either of its two terms."""
+    cfg = rlora.AdapterConfig(method="rlora", r=4, num_heads=3, tasks=["a"], dropout=0.0, alpha=8.0, gamma=1.0)
+    torch.manual_seed(0)
+    layer = LAYERS["rlora"](torch.nn.Linear(d_in, d_out), cfg, num_tasks=1).eval()
+    with torch.no_grad():
+        layer.lora_A.add_(torch.randn_like(layer.lora_A) * steps_scale * layer.lora_A.abs().mean())
+        layer.lora_B.add_(torch.randn_like(layer.lora_B) * steps_scale * layer.lora_B.abs().mean())
+    return layer
+
+
+def test_compact_refactors_the_rlora_update_exactly_into_its_own_rank():
+    layer = _trained_rlora_layer()
+    block = fold_layer(layer, gates=NEAR_UNIFORM)
+    small = compact(block)
+    assert block.rank == 8 and small.rank == 8                        # the net update has full rank 2r here
+    exact = block.scaling * (block.B.double() @ block.A.double())
+    assert ((small.delta().double() - exact).norm() / exact.norm()).item() < 1e-6
+    # the block form's terms are far larger than the update they make; the compact factors are not
+    assert (block.B.norm() * block.A.norm()).item() > 5 * (exact.norm() / block.scaling).item()
+    assert (small.B.norm() * small.A.norm()).item() < 3 * (exact.norm() / block.scaling).item()
+
+
+def test_compact_drops_exactly_the_null_directions_and_pads_back():
+    torch.manual_seed(1)
+    A, B = torch.randn(6, 10), torch.randn(7, 6)
+    A[3:] = A[:3] * 2.0                                                  # rank 3 hidden in 6 factors
+    from rlora.export.fold import LowRank
+
+    f = compact(LowRank(A, B, 0.5))
+    assert f.rank == 3
+    torch.testing.assert_close(f.delta(), LowRank(A, B, 0.5).delta(), rtol=1e-5, atol=1e-5)
+    g = pad_rank(f, 6)
+    assert g.rank == 6 and torch.equal(g.delta(), f.delta())
+    both = compact_all({"x": LowRank(A, B, 0.5), "y": LowRank(torch.randn(6, 10), torch.randn(7, 6), 0.5)})
+    assert {v.rank for v in both.values()} == {6}
+
+
+def test_bf16_error_of_the_compact_form_is_far_below_the_block_form():
+    """What a bf16 engine computes from each representation, ``(x Aᵀ)(s·B)ᵀ`` with A, s·B and x in bf16,
+    against the exact update in fp64: the block form's cancellation loses far more."""
+    layer = _trained_rlora_layer()
+    block = fold_layer(layer, gates=NEAR_UNIFORM)
+    small = compact(block)
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(2))
+    exact = x.double() @ (block.scaling * block.B.double() @ block.A.double()).t()
+
+    def bf16(f):
+        xb, Ab, Bb = x.bfloat16(), f.A.bfloat16(), (f.scaling * f.B).bfloat16()
+        return ((xb @ Ab.t()) @ Bb.t()).double()
+
+    err_block = ((bf16(block) - exact).norm() / exact.norm()).item()
+    err_small = ((bf16(small) - exact).norm() / exact.norm()).item()
+    assert err_small < 0.01                                              # about bf16's own rounding (2^-8)
+    assert err_block > 10 * err_small                                    # 0.134 vs 0.0039 here
+
+
+def test_served_model_in_fp32_computes_what_peft_computes(tmp_path):
+    """The bf16 measurement's model (an unmerged LoRA per layer, ``W0 x + (x Aᵀ)(s·B)ᵀ``) in fp32 equals
+    PEFT's forward of the same factors: only the dtype separates it from what the engines run."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlora.export.fold import served_model
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(tmp_path / "b")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "b").eval()
+    rlora.inject(model, rlora.AdapterConfig(method="lora", r=2, alpha=6.0, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    folds = fold_adapter(model)
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "b"),
+                          LoraConfig(r=2, lora_alpha=6.0, target_modules=["q_proj", "down_proj"])).eval()
+    with torch.no_grad():
+        for name, f in folds.items():
+            mod = peft.base_model.model.get_submodule(name)
+            mod.lora_A["default"].weight.copy_(f.A)
+            mod.lora_B["default"].weight.copy_(f.B)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    served = served_model(LlamaForCausalLM.from_pretrained(tmp_path / "b"), folds, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, peft(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(served(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

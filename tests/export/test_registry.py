@@ -116,7 +116,7 @@ def test_register_load_by_alias_predicts_like_in_process(base_dir, adapters, mlf
     # the logged model references the base model; it does not hold its weights
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{reg.run_id}/model"))
     assert not list(local.rglob("model.safetensors"))
-    assert (local / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (local / "artifacts" / "adapter" / "rlora_adapter.safetensors").is_file()
     cfg = model.model_config
     assert cfg["base_model"] == str(base_dir) and cfg["method"] == "mtl"
 

@@ -20,7 +20,7 @@ COMMON = dict(deepspeed__stage=2, trainer__max_steps=6, trainer__save_steps=2, a
 
 
 def tensors(res):
-    return load_file(str(Path(res.adapter_dir) / "adapter_model.safetensors"))
+    return load_file(str(Path(res.adapter_dir) / "rlora_adapter.safetensors"))
 
 
 def max_diff(a, b):

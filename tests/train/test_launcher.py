@@ -101,10 +101,10 @@ def test_log_artifacts_uploads_the_adapter(tiny_model_dir, task_dir, tmp_path, l
     (final / "results.json").write_text(json.dumps({"global_step": 2}))
     res = _finish(cfg, run, final, uri)
     assert res.adapter_dir == (tmp_path / "out" / "knobs" / "adapter").resolve()
-    assert (res.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (res.adapter_dir / "rlora_adapter.safetensors").is_file()
     client = MlflowClient(uri)
     uploaded = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "adapter")}
-    assert uploaded == ({"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} if log else set())
+    assert uploaded == ({"adapter/rlora_adapter.json", "adapter/rlora_adapter.safetensors"} if log else set())
     assert "results.json" in {a.path for a in client.list_artifacts(run["mlflow_run_id"])}  # logged either way
     assert client.get_run(run["mlflow_run_id"]).info.status == "FINISHED"
 

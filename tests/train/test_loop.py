@@ -12,7 +12,7 @@ from rlora.train.launcher import run_training
 
 
 def adapter(result):
-    return load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    return load_file(str(Path(result.adapter_dir) / "rlora_adapter.safetensors"))
 
 
 def max_diff(a, b):

@@ -39,7 +39,7 @@ def test_two_nodes_one_worker_each(two_node_cluster, tiny_model_dir, task_dir, t
     # the checkpoint holds the shards of both ranks, merged by Ray into one directory
     shards = sorted(p.name for p in (tmp_path / "shared" / "two-nodes").glob("checkpoint_*/ds/*optim_states.pt"))
     assert any("rank_0" in s for s in shards) and any("rank_1" in s for s in shards)
-    assert (res.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (res.adapter_dir / "rlora_adapter.safetensors").is_file()
 
 
 def test_local_storage_refused_on_two_nodes(two_node_cluster, tiny_model_dir, task_dir, tmp_path, monkeypatch):

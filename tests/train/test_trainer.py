@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def adapter_tensors(result):
-    return load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    return load_file(str(Path(result.adapter_dir) / "rlora_adapter.safetensors"))
 
 
 def max_diff(a, b):
