@@ -114,9 +114,22 @@ def assert_moved(state, init, at_least=2e-4):
     assert min(still.values()) > at_least, {k: v for k, v in still.items() if v <= at_least}
 
 
+_COUNTS: dict = {}
+
+
 def micro_batch_answer_tokens(cfg, steps):
     """Answer tokens of each micro-batch of the first ``steps`` optimizer steps, from the loop's own data
-    path (sampler, tokenisation, left padding)."""
+    path (sampler, tokenisation, left padding); the same for every method, so computed once per sampler
+    setting."""
+    t = cfg.trainer
+    key = (cfg.data.path, cfg.sampler.batch_composition, t.gradient_accumulation_steps, t.per_device_train_batch_size,
+           t.seed, steps)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count_answer_tokens(cfg, steps)
+    return _COUNTS[key]
+
+
+def _count_answer_tokens(cfg, steps):
     from rlora.models import load_tokenizer
     from rlora.train.batches import answer_tokens, left_padded_batch
     from rlora.train.data_setup import load_train_data
