@@ -14,7 +14,9 @@ nothing, and is reported. A whole test file runs without its slow tests; tests n
 A mutation is *caught* when at least one of its tests fails (and that test passed unmutated). The exit status
 is the number of mutations not caught.
 
-``trainer.label_smoothing`` (a new field that nothing reads) is caught only by the whole-suite coverage check
+The first six rows are the issue's table (plus ``compare overrides``, a row of the table without a mutation);
+the others break the benchmarks' timing code and the bootstrap's seed level. ``trainer.label_smoothing`` (a new
+field that nothing reads) is caught only by the whole-suite coverage check
 (tests/test_config_coverage.py), which judges a trace of every test of the suite: pass ``--trace DIR`` with the
 trace folder of a full ``make test`` run on the same revision (its contents are copied, never changed); without
 it that mutation is reported as not run.
@@ -47,6 +49,12 @@ class Mutation:
 STEP_LOOP = "        for batch in batches:\n            loss, s, c = forward_loss("
 BACKWARD = "            self.engine.backward(loss)\n"
 MATRIX = "tests/train/test_matrix.py"
+COMPARE_TESTS = ["tests/compare/test_verb.py::test_samplers_and_baseline_choose_the_arms_and_the_comparisons",
+                 "tests/compare/test_cli.py::test_bad_flags_are_one_line_errors"]
+# both train mutations run the same tests (one baseline run); the accumulation test and test_train_step.py (a
+# stand-in engine) run no ZeRO-3, so only test_feature_matrix can catch the ZeRO-3 mutation
+TRAIN_TESTS = [f"{MATRIX}::test_accumulation_equals_the_larger_batch", f"{MATRIX}::test_feature_matrix",
+               "tests/train/test_train_step.py::test_accumulated_gradient_is_the_step_token_mean"]
 ROUND_LOOP = ("            for k, fn in fns.items():\n                t0 = time.perf_counter()\n"
               "                fn()\n")
 ROUND_LOOP_MUTATED = ("            t0 = time.perf_counter()\n            for k, fn in fns.items():\n"
@@ -59,8 +67,10 @@ MUTATIONS = [
              ["tests/test_config_coverage.py"], needs_trace=True),
     Mutation("n_boot_fixed", "rlora compare passes n_boot=2000 whatever --n-boot says",
              [("rlora/compare/cli.py", "n_boot=args.n_boot", "n_boot=2000")],
-             ["tests/compare/test_verb.py::test_samplers_and_baseline_choose_the_arms_and_the_comparisons",
-              "tests/compare/test_cli.py"]),
+             COMPARE_TESTS),
+    Mutation("compare_overrides_dropped", "rlora compare ignores the dotted overrides on its command line",
+             [("rlora/compare/cli.py", "load_config(args.config, args.overrides)", "load_config(args.config, [])")],
+             COMPARE_TESTS),
     Mutation("alias_fixed", "rlora register passes alias='challenger' whatever --alias says",
              [("rlora/export/cli.py", "alias=args.alias", "alias='challenger'")],
              ["tests/export/test_registry.py::test_promotion_moves_the_champion_alias",
@@ -72,7 +82,7 @@ MUTATIONS = [
              "loss is its own token mean",
              [("rlora/train/loop.py", "normalizer=normalizer, autocast=", "normalizer=normalizer if ga == 1 else None, "
                "autocast=")],
-             [f"{MATRIX}::test_accumulation_equals_the_larger_batch", f"{MATRIX}::test_feature_matrix"]),
+             TRAIN_TESTS),
     Mutation("zero3_drop_last_micro_batch", "under ZeRO-3 with gradient_accumulation_steps > 1 the last "
              "micro-batch's gradient is dropped (its loss times 0)",
              [("rlora/train/loop.py", STEP_LOOP, STEP_LOOP.replace("for batch in batches", "for i, batch in "
@@ -80,8 +90,7 @@ MUTATIONS = [
               ("rlora/train/loop.py", BACKWARD, BACKWARD.replace(
                   "backward(loss)", "backward(loss * 0 if self.cfg.deepspeed.stage == 3 and ga > 1 and i == ga - 1 "
                   "else loss)"))],
-             # the accumulation test runs ZeRO-0/2 only: listed so that both train mutations share one baseline
-             [f"{MATRIX}::test_accumulation_equals_the_larger_batch", f"{MATRIX}::test_feature_matrix"]),
+             TRAIN_TESTS),
     Mutation("bench_ratio_inverted", "benchmarks/_common.py's ratios() returns den / num",
              [("benchmarks/_common.py", "return [a / b for a, b in zip(num, den)]",
                "return [b / a for a, b in zip(num, den)]")],
