@@ -13,8 +13,9 @@ tasks. For every cell:
   same run again (both workers map the built cache).
 * **peak RSS per rank** -- ``ru_maxrss`` of each worker process at the end of the warm run (the larger of
   the two). The growth figure is the largest row count's cell minus the smallest's, same task count.
-* **tokenizer alone / cold build** -- per round, on the cell's first ``S`` rows (S = 12k with ``--quick``,
-  50k otherwise): the seconds of ``tokenizer(prompts)`` alone (prompts rendered beforehand, not timed;
+* **tokenizer alone / cold build** -- per round, on a sample folder of the cell's shape (its task count,
+  ``S`` rows: S = 12k with ``--quick``, 50k otherwise; the build's cost per row does not depend on the
+  data's size, it streams): the seconds of ``tokenizer(prompts)`` alone (prompts rendered beforehand, not timed;
   batches of ``CHUNK_ROWS``) over the seconds of a cold cache build of the same rows (read, check, render,
   tokenise, write). 1 = the cache adds nothing to the tokenizer's own work; > 1 is possible, since the
   build calls the Rust tokenizer without its per-row Python conversion.
@@ -169,17 +170,18 @@ def ray_run(cfg, out: Path) -> tuple[list[dict], float]:
 
 
 # ---- the cold build against the tokenizer alone --------------------------------------------------------
-def build_vs_tokenizer(cfg, tokenizer, sample: int, rounds: int) -> list[float]:
-    """Per round: seconds of ``tokenizer(prompts)`` alone / seconds of a cold token-cache build, on the
-    first ``sample`` rows of the cell (``data.max_train_examples_per_task`` = sample / tasks). The build reads,
-    checks, renders, tokenises and writes; the tokenizer alone gets prompts rendered beforehand (not
-    timed) in batches of ``CHUNK_ROWS``, as the build calls it."""
+def build_vs_tokenizer(cfg, tokenizer, rounds: int) -> list[float]:
+    """Per round: seconds of ``tokenizer(prompts)`` alone / seconds of a cold token-cache build of ``cfg``'s
+    rows (the caller passes a sample folder of the cell's shape). The build reads, checks, renders,
+    tokenises and writes; the tokenizer alone gets prompts rendered beforehand (not timed) in batches of
+    ``CHUNK_ROWS``, as the build calls it. (A cap such as ``max_train_examples_per_task`` would not do as
+    the sample: a capped task is still read and checked to its end.)"""
     from rlora.data.loading import iter_task, task_specs
     from rlora.data.prompts import PromptRenderer, uses_chat_template
     from rlora.data.token_cache import CHUNK_ROWS, open_or_build
 
     specs = task_specs(cfg.data)
-    data = cfg.data.model_copy(update={"max_train_examples_per_task": max(1, sample // len(specs))})
+    data = cfg.data
     add_special = not uses_chat_template(tokenizer, data.use_chat_template)
     prompts = []
     for spec in specs:
@@ -266,7 +268,10 @@ def main() -> None:
                 warm, warm_pre = ray_run(cfg, scratch / "rec" / f"{rows}-{tasks}-warm")
                 assert sum("built in" in r["note"] for r in cold) == 1, [r["note"] for r in cold]
                 assert all("reused" in r["note"] for r in warm), [r["note"] for r in warm]
-                ratio[rows] = build_vs_tokenizer(cfg, tokenizer, min(rows, sample), rounds)
+                sample_dir = scratch / f"sample-{rows}-{tasks}"
+                write_data(sample_dir, min(rows, sample), tasks)
+                ratio[rows] = build_vs_tokenizer(run_cfg(sample_dir, model_dir, scratch / "out"), tokenizer, rounds)
+                shutil.rmtree(sample_dir)
                 n = (rows // tasks) * tasks
                 cell = {"rows": n, "tasks": tasks, "generate_s": gen_s,
                         "cold_setup_s": max(r["setup_s"] for r in cold), "cold_data_s": max(r["data_s"] for r in cold),

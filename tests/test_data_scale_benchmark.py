@@ -33,6 +33,6 @@ def test_build_vs_tokenizer_builds_cold_every_round(tmp_path, tiny_model_dir, mo
     builds = []
     real = tc.build
     monkeypatch.setattr(tc, "build", lambda *a, **k: (builds.append(1), real(*a, **k))[1])
-    ratios = data_scale.build_vs_tokenizer(cfg, load_tokenizer(str(tiny_model_dir)), sample=20, rounds=2)
+    ratios = data_scale.build_vs_tokenizer(cfg, load_tokenizer(str(tiny_model_dir)), rounds=2)
     assert len(ratios) == 2 and all(r > 0 for r in ratios) and len(builds) == 2
     assert not [p for p in (tmp_path / "tokens").iterdir() if p.is_dir()]  # each round's build removed
