@@ -12,8 +12,8 @@ resolves the name, so an export records:
 * ``revision``: the hub commit a hub model was loaded at (``config._commit_hash``), else None;
 * ``weights_sha256``: ``file -> sha256`` of the folder's ``*.safetensors`` (the served weights must match).
 
-Hashes are remembered in ``$RLORA_CACHE/weights_sha256.json`` by (path, size, mtime), so a second export
-of the same base does not read 0.5 GB again.
+Hashes of files of 64 MiB and more are remembered in ``$RLORA_CACHE/weights_sha256.json`` by (path, size,
+mtime), so a second export of the same base does not read 0.5 GB again.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 _MEMO = "weights_sha256.json"
+_MEMO_MIN_BYTES = 64 << 20
 
 
 def _sha256(path: Path) -> str:
@@ -46,6 +47,9 @@ def weights_sha256(folder: Path) -> dict[str, str]:
     out, changed = {}, False
     for f in sorted(Path(folder).glob("*.safetensors")):
         st = f.stat()
+        if st.st_size < _MEMO_MIN_BYTES:                # quick to hash again: not remembered
+            out[f.name] = _sha256(f)
+            continue
         key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
             memo[key] = _sha256(f)
