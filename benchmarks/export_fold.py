@@ -10,7 +10,9 @@ rows is measured for:
 * ``bf16 compact``: the PEFT export as written (R-LoRA: the net update's own factors, rank <= 2r), served
   in bf16;
 * ``bf16 block`` (R-LoRA only): the former representation ``B = [Σḡ B, −B̄⁰], A = [A; A⁰]`` served in bf16;
-* ``bf16 floor``: the multi-head adapter model itself run in bf16 (what bf16 costs with no fold at all).
+* ``bf16 floor``: the multi-head adapter model itself run in bf16 (what bf16 costs with no fold at all);
+* ``dW bf16 compact`` / ``dW bf16 block``: the relative error that rounding the factors to bf16 makes in the
+  update ΔW itself (all layers), without activations.
 
     python benchmarks/export_fold.py --adapter OUT/RUN/adapter --data DATA_DIR [--tasks a,b] [--quick] [--json]
 """
@@ -50,7 +52,22 @@ def measure(adapter: Path, data: Path, task: str, max_examples: int, base: str) 
         cands["bf16 block"] = served_model(load_base_model(base), block, torch.bfloat16)
     out = relative_errors(model, cands, batches, tid, ref)
     out["rank"], out["block rank"] = next(iter(small.values())).rank, rank
+    out["dW bf16 compact"] = update_error(small)
+    if small is not block:
+        out["dW bf16 block"] = update_error(block)
     return out
+
+
+def update_error(folds) -> float:
+    """``‖bf16(s·B) bf16(A) − s·B A‖_F / ‖s·B A‖_F`` over every layer: what rounding the exported factors to
+    bf16 does to the update itself (no activations)."""
+    num = den = 0.0
+    for f in folds.values():
+        exact = f.scaling * f.B.double() @ f.A.double()
+        got = (f.scaling * f.B).bfloat16().double() @ f.A.bfloat16().double()
+        num += float((got - exact).norm() ** 2)
+        den += float(exact.norm() ** 2)
+    return (num / den) ** 0.5
 
 
 def main() -> None:
@@ -69,7 +86,8 @@ def main() -> None:
     print(f"{cfg.method} adapter r={cfg.r}, {n} dev rows per task; relative logit error vs the fp32 adapter model")
     for task in tasks:
         res = measure(args.adapter, args.data, task, n, base)
-        cols = [k for k in ("fp32", "bf16 compact", "bf16 block", "bf16 floor") if k in res]
+        cols = [k for k in ("fp32", "bf16 compact", "bf16 block", "bf16 floor", "dW bf16 compact", "dW bf16 block")
+                if k in res]
         print(f"  {task:24s} rank {res['rank']:>3} (block {res['block rank']:>3})  "
               + "  ".join(f"{k} {res[k]:.4f}" for k in cols))
         for k in cols:
