@@ -212,11 +212,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         signum = stopping.received()
         if signum is not None:  # SIGTERM / SIGINT of train or compare: one line, every child process ended
+            from .console import say
+
+            # a cell's thread (`rlora compare`) stops at its next step boundary (rlora.train.loop)
+            others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+            for t in others:
+                t.join(timeout=10)
             for line in stopping.stop():
-                print(line, flush=True)
-            if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+                say(line)  # the console even while a cell's thread still has stdout sent to its run log
+            if any(t.is_alive() for t in others):
+                sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(128 + signum)  # a cell's thread still unwinds from the Ray shutdown: do not wait for it
+                os._exit(128 + signum)  # a thread still unwinds from the Ray shutdown: do not wait for it
             return 128 + signum
         print("\nerror: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -39,6 +39,7 @@ from ..config import RunConfig
 from ..distributed import all_reduce_sum, gather_objects
 from ..tracking.run_record import eval_metrics, write_training_record
 from . import checkpoint as ckpt
+from . import stopping
 from .fault_injection import maybe_exit
 from .runtime import Runtime
 
@@ -139,6 +140,8 @@ class Trainer:
         self.engine.train()
         self.clock.start_loop()
         while self.step < self.total_steps:
+            if stopping.received() is not None:  # SIGTERM/SIGINT of the command (a compare cell's thread)
+                raise KeyboardInterrupt(f"stopped at step {self.step}")
             task_loss, step_loss = self.train_step()
             conflict = self.diagnose()
             self.data.sampler.update(task_loss, conflict=conflict)

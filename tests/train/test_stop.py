@@ -58,3 +58,33 @@ def test_sigterm_stops_cleanly_and_leaves_no_process(tiny_model_dir, task_dir, t
     c = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     [run] = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_local_compare_cell_at_a_step(tiny_model_dir, task_dir, tmp_path):
+    """`rlora compare --local` trains its cell in a thread: SIGINT stops that thread at its next step
+    boundary, prints the line on the console (not into the cell's log) and exits 130."""
+    cfg = run_config(tiny_model_dir, task_dir, tmp_path / "out", trainer__max_steps=400, trainer__save_steps=2,
+                     ray__num_workers=1, diagnostics__enabled="false", mlflow__log_system_metrics="false")
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "rlora.cli", "compare", str(path), "--methods", "lora", "--seeds",
+                             "1", "--local", "--out", str(tmp_path / "c")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "checkpoint: step 2" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out.append(proc.communicate(timeout=60)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(out)
+    assert proc.returncode == 130, text
+    [stop] = [ln for ln in text.splitlines() if ln.startswith("[rlora] stopped")]
+    m = re.fullmatch(r"\[rlora\] stopped at step (\d+); the same command resumes from the checkpoint of step (\d+)",
+                     stop)
+    assert m and int(m.group(1)) >= int(m.group(2)) >= 2, stop
