@@ -10,7 +10,7 @@ Names (``<type>`` = wrapped module kind such as ``q_proj``, so the count does no
     diag/router_entropy/{<task>,mean}          diag/router_usage/<task>_head<i>
     diag/mtl_mix/<task>_head<i>                diag/lambda_dev/{<task>,mean}
     diag/interference/<a>__<b> (a before b)    diag/interference/{mean,min}
-    diag/interference_task/<task>              diag/seconds
+    diag/interference_task/<task>              train/diagnostics_seconds (the pass's cost: with train/*)
 
 MLflow's run page groups charts by the name up to its last ``/`` and titles each chart with the
 rest, so every family above is one group (``diag/router_usage``: one chart per task and head, not one
@@ -121,7 +121,7 @@ def flatten(d) -> dict[str, float]:
             summary = interference_summary(c)
             for t in present:
                 m[f"{PREFIX}/interference_task/{tasks[t]}"] = float(summary[t])
-    m[f"{PREFIX}/seconds"] = float(d.seconds)
+    m["train/diagnostics_seconds"] = float(d.seconds)  # a cost, next to tokens/s: not a chart section of its own
     return {k[:250]: v for k, v in m.items() if math.isfinite(v)}
 
 
