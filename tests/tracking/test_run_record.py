@@ -110,17 +110,23 @@ def test_system_metrics_are_logged(record):
     assert "system/system_memory_usage_megabytes" in record["hist"]
 
 
-def test_system_metrics_can_be_turned_off(tiny_model_dir, task_dir, tmp_path):
-    from mlflow.tracking import MlflowClient
+@pytest.mark.parametrize("on", [True, False])
+def test_system_metrics_can_be_turned_off(tmp_path, on):
+    """`mlflow.log_system_metrics` decides whether rank 0 starts MLflow's system-metrics monitor on the run."""
+    from types import SimpleNamespace
 
-    from rlora.train.launcher import run_training
+    from rlora.config import validate_config
+    from rlora.tracking import mlflow_tracker as mt
+    from rlora.train.loop import Trainer
+    from rlora.train.runtime import LocalRuntime
 
-    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"
+    cfg = validate_config({"trainer": {"output_dir": str(tmp_path)}, "mlflow": {"log_system_metrics": on}})
+    uri = mt.resolve(cfg)[0]
+    run_id, _ = mt.start_or_resume_run(cfg, "sys")
+    trainer = Trainer(cfg, LocalRuntime(None), {"run_name": "sys", "mlflow_run_id": run_id, "tracking_uri": uri})
+    trainer.data = SimpleNamespace(truncated={"a": 0}, names=["a"])
+    trainer.start_tracking()
     try:
-        res = run_training(run_config(tiny_model_dir, task_dir, tmp_path, trainer__run_name="nosys",
-                                      ray__num_workers=1, diagnostics__enabled="false",
-                                      mlflow__log_system_metrics="false"), local=True, verbose=False)
+        assert (getattr(trainer.tracker, "_monitor", None) is not None) == on
     finally:
-        os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
-    metrics = MlflowClient(res.tracking_uri).get_run(res.mlflow_run_id).data.metrics
-    assert "train/loss" in metrics and not [k for k in metrics if k.startswith("system/")]
+        trainer.tracker.stop_system_metrics()
