@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from helpers import run_config
-from rlora.config import flatten, validate_config
+from rlora.config import validate_config
 from rlora.tracking.mlflow_tracker import config_params
 
 TASKS = ("parity", "sign", "size")
