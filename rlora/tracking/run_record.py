@@ -51,9 +51,11 @@ def write_training_record(adapter_dir, config: Mapping, mlflow_run_id: Optional[
     """``adapter_dir/training_run.json``: the run that made the adapter (its resolved config, MLflow run
     id and tracking URI, last step). ``rlora evaluate`` takes its prompt settings from it and
     ``rlora register`` links the model version to that MLflow run."""
+    from .mlflow_tracker import _redact_tree
+
     path = Path(adapter_dir) / TRAINING_RECORD
     path.write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "global_step": step,
-                                "config": dict(config)}, indent=1))
+                                "config": _redact_tree(dict(config))}, indent=1))  # secrets as "***"
     return path
 
 
