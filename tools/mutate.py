@@ -131,9 +131,28 @@ def run_group(group: str, rev: str | None, notes: dict) -> dict:
         tail = (dest / "mutmut.log").read_text(errors="replace")[-3000:]
         raise SystemExit(f"mutate: mutmut failed for group {group!r} (exit {rc}); last lines of "
                          f"{dest / 'mutmut.log'}:\n{tail}")
+    return report(group, dest, source, wall, notes)
+
+
+def report_interrupted(group: str, notes: dict) -> dict:
+    """The report of a run that was stopped: the mutants checked so far (the others are counted as
+    not checked); the source is the last commit before the copy was made, the wall time up to the last result."""
+    dest = WORK / group
+    started = (dest / "setup.cfg").stat().st_mtime
+    last = max(m.stat().st_mtime for m in (dest / "mutants").rglob("*.py.meta"))
+    sha = subprocess.run(["git", "rev-list", "-1", "--abbrev-commit", f"--before={int(started)}", "HEAD"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return report(group, dest, f"{sha} (stopped)", last - started, notes)
+
+
+def report(group: str, dest: Path, source: str, wall: float, notes: dict) -> dict:
+    files, tests = GROUPS[group]
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
     status = collect(dest)
     if group in ONLY:
         status = {k: v for k, v in status.items() if any(fnmatch.fnmatchcase(k, g) for g in ONLY[group])}
+    unchecked = Counter(module_of(k) for k, v in status.items() if v == "not checked")
+    status = {k: v for k, v in status.items() if v != "not checked"}
     per_module: dict[str, Counter] = {}
     for name, st in status.items():
         per_module.setdefault(module_of(name), Counter())[st] += 1
@@ -142,7 +161,7 @@ def run_group(group: str, rev: str | None, notes: dict) -> dict:
         total = sum(c.values())
         killed = sum(c[s] for s in DETECTED)
         modules[mod] = {"mutants": total, "killed": killed, "kill_rate": round(killed / total, 4) if total else None,
-                        "by_status": dict(sorted(c.items()))}
+                        "by_status": dict(sorted(c.items())), "not_checked": unchecked[mod]}
     survivors = []
     for name, st in sorted(status.items()):
         if st in DETECTED:
@@ -176,7 +195,8 @@ def summary(reports: list[dict]) -> str:
             surv = [s for s in r["survivors"] if module_of(s["name"]) == mod]
             v = Counter(s["verdict"] for s in surv)
             real = m["mutants"] - v["equivalent"]
-            lines.append(f"| {r['group']} | {r['source']} | `{mod}` | {m['mutants']} | {m['killed']} | "
+            more = f" (+{m['not_checked']} not checked)" if m.get("not_checked") else ""
+            lines.append(f"| {r['group']} | {r['source']} | `{mod}` | {m['mutants']}{more} | {m['killed']} | "
                          f"{100 * m['kill_rate']:.1f} % | {100 * m['killed'] / max(real, 1):.1f} % | {len(surv)} "
                          f"({v['equivalent']} / {v['left']} / {v['unexplained']}) |")
     lines += ["", "| group | mutmut | wall time (2 cores shared, nice 10, one process) | tests |", "|---|---|---:|---|"]
@@ -200,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rev", default="HEAD", help="git revision to mutate (default HEAD)")
     ap.add_argument("--worktree", action="store_true", help="mutate the working tree instead of --rev")
     ap.add_argument("--list", action="store_true", help="print the groups and exit")
+    ap.add_argument("--collect-stopped", action="store_true",
+                    help="write the reports of stopped runs from build/mutation/<group> (runs nothing)")
     ap.add_argument("--renote", action="store_true",
                     help="re-read notes.toml into the existing reports and rebuild summary.md (runs nothing)")
     args = ap.parse_args(argv)
@@ -221,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                 note = notes.get(sv["name"], {})
                 sv["verdict"], sv["why"] = note.get("verdict", "unexplained"), note.get("why", "")
             path.write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
-    for g in [] if args.renote else (args.groups or list(GROUPS)):
+    for g in args.groups if args.collect_stopped else []:
+        rep = report_interrupted(g, notes)
+        (RESULTS / f"{g}.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
+    for g in [] if args.renote or args.collect_stopped else (args.groups or list(GROUPS)):
         print(f"mutate: {g} ...", flush=True)
         rep = run_group(g, None if args.worktree else args.rev, notes)
         (RESULTS / f"{g}.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
