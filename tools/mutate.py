@@ -88,7 +88,10 @@ def export_tree(dest: Path, rev: str | None) -> str:
 def write_config(dest: Path, files: list[str], tests: list[str]) -> None:
     """The ``[mutmut]`` section (pyproject.toml has none, so mutmut reads setup.cfg)."""
     lines = ["[mutmut]", "source_paths = rlora", "only_mutate ="] + [f"    {f}" for f in files]
-    lines += ["pytest_add_cli_args =", "    -m", "    not slow", "    -p", "    no:cacheprovider", "    -q"]
+    # the suite's coverage recorder (tests/coverage_trace.py) is for whole-suite runs: mutmut runs pytest several
+    # times in one process, and the mutants' verdicts need no trace
+    lines += ["pytest_add_cli_args =", "    -m", "    not slow", "    -p", "    no:cacheprovider",
+              "    -p", "    no:rlora-coverage-trace", "    -q"]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
     (dest / "setup.cfg").write_text("\n".join(lines) + "\n")
 

@@ -109,3 +109,19 @@ def test_a_step_without_answer_tokens_has_zero_loss():
     task_loss, step_loss = tr.train_step()
     assert step_loss == 0.0 and all(math.isnan(v) for v in task_loss)
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_a_step_of_one_answer_token_and_the_step_counter():
+    """One answer token: its task's loss and the step loss are that token's NLL and the gradient is its
+    gradient (no floor above 1 token); a second step counts 2."""
+    tr, model = trainer([[(0, 0)], [(1, 0)]], ga=1)
+    task_loss, step_loss = tr.train_step()
+    ref_model = tiny_llama(vocab=32, hidden=32, layers=1).train()
+    total, sums, counts = reference(ref_model, [(0, 0)])
+    assert counts.tolist() == [1, 0, 0]
+    assert task_loss[0] == pytest.approx(total.item(), rel=1e-5) and step_loss == pytest.approx(total.item(), rel=1e-5)
+    total.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name
+    tr.train_step()
+    assert tr.step == 2 and len(tr.loss_hist) == 2
