@@ -60,11 +60,11 @@ def test_export_job_runs(tiny_adapter, tmp_path):
     out_dir = tmp_path / "peft"
     out = run_job("export", str(tiny_adapter), "--format", "peft", "--out", str(out_dir))
     assert "peft export of lora (exact" in out.stdout and str(out_dir) in out.stdout
-    cfg = json.loads((out_dir / "rlora_adapter.json").read_text())
+    cfg = json.loads((out_dir / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
     from safetensors.torch import load_file
 
-    weights = load_file(str(out_dir / "rlora_adapter.safetensors"))
+    weights = load_file(str(out_dir / "adapter_model.safetensors"))
     assert len(weights) == 2 * 2 * 2                     # 2 layers x (q_proj, v_proj) x (A, B)
     assert json.loads((out_dir / "export_report.json").read_text())["exact"] is True
 
