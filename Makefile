@@ -41,10 +41,10 @@ bench: setup
 # Mutation testing of the modules with correctness claims; not part of `make test` or CI (tens of minutes).
 # mutmut, not cosmic-ray or pytest-gremlins: it mutates a copy of the tree (build/mutation/, never the
 # checkout), forks each mutant from a process that has already imported torch, and runs only the tests that
-# reach the mutated function. GROUPS="layers batches" runs some groups (tools/mutate.py --list).
+# reach the mutated function. GROUPS="layers batches" runs some groups (tests/mutations/mutate.py --list).
 mutate: setup
 	$(PY) -m pip install -q -c constraints.txt mutmut==3.8.1
-	$(PY) tools/mutate.py $(GROUPS)
+	$(PY) tests/mutations/mutate.py $(GROUPS)
 
 clean:
 	rm -rf $(VENV) outputs mlruns mlflow.db

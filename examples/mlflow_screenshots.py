@@ -5,7 +5,7 @@ Trains a short run of the main job's config (`examples/configs/cpu_demo.yaml`, i
 headless Chromium (Debian: `apt-get install -y chromium`), driven over its DevTools protocol (aiohttp) so each
 page is photographed once its charts have loaded:
 
-    python examples/mlflow_screenshots.py --out docs/images [--steps 8] [--keep WORK_DIR]
+    python examples/mlflow_screenshots.py --out examples/screenshots [--steps 8] [--keep WORK_DIR]
 
 Writes `mlflow_run.png` (run overview: params, tags, registered model), `mlflow_metrics.png` (model
 metric charts), `mlflow_system.png` (system metrics), `mlflow_diagnostics.png` (a diagnostics plot in the

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_files
 from .api import base_model_name
 from .errors import ExportError
 from .fold import task_index
@@ -140,8 +140,9 @@ def register(source, name: str, alias: str = "challenger", tracking_uri: Optiona
             model_dir = staging / MODEL_ARTIFACT
             packed = staging / ADAPTER_ARTIFACT                    # stored as artifacts/adapter in the model
             packed.mkdir()
-            for f in (CONFIG_NAME, WEIGHTS_NAME):
-                shutil.copyfile(adapter_dir / f, packed / f)
+            # an older folder under PEFT's file names is packed under rlora's own
+            for src, dst in zip(adapter_files(adapter_dir), (CONFIG_NAME, WEIGHTS_NAME)):
+                shutil.copyfile(src, packed / dst)
             model_config = {"base_model": base, "task": task, "method": cfg.method, "tasks": list(cfg.tasks)}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)

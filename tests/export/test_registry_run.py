@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,29 @@ def test_mlflow_models_serve_answers_a_rest_request(trained, tmp_path):
         log.close()
     assert answer["predictions"] == expected
     assert all(p in r["options"] for p, r in zip(expected, rows))
+
+
+def test_an_adapter_folder_under_the_old_peft_file_names_registers(trained, tmp_path):
+    """Folders saved before rlora's own file names (``adapter_config.json`` + ``adapter_model.safetensors``)
+    still register; the packed model holds them under the current names."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from rlora.adapter_io import CONFIG_NAME, LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+    from rlora.export.registry import register
+
+    old = tmp_path / "old-adapter"
+    old.mkdir()
+    shutil.copyfile(trained.adapter_dir / CONFIG_NAME, old / LEGACY_CONFIG_NAME)
+    shutil.copyfile(trained.adapter_dir / WEIGHTS_NAME, old / LEGACY_WEIGHTS_NAME)
+    uri = trained.tracking_uri
+    reg = register(old, name="rlora-legacy-names", tracking_uri=uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = c.get_model_version("rlora-legacy-names", reg.version)
+    dst = tmp_path / "dl"
+    dst.mkdir()
+    local = Path(c.download_artifacts(mv.run_id, mv.source.split("/artifacts/", 1)[1], str(dst)))
+    packed = {p.name: p for p in local.rglob("rlora_adapter.*")}
+    assert set(packed) == {CONFIG_NAME, WEIGHTS_NAME}
+    assert packed[WEIGHTS_NAME].read_bytes() == (old / LEGACY_WEIGHTS_NAME).read_bytes()

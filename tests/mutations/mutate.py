@@ -17,7 +17,7 @@ Kill rate = (killed + timeout + segfault) / all mutants; a mutant that no select
 ("no tests") counts as not killed. mutmut's names (``rlora.layers.base.xǁMultiHeadLoRALinearǁforward__mutmut_3``)
 number the mutations within one function, so a note stays attached as long as that function is unchanged.
 
-Usage: ``python tools/mutate.py [GROUP ...] [--rev REV | --worktree] [--list]``; ``mutmut show NAME`` and
+Usage: ``python tests/mutations/mutate.py [GROUP ...] [--rev REV | --worktree] [--list]``; ``mutmut show NAME`` and
 ``mutmut browse`` in ``build/mutation/<group>/`` show the details of the last run.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import tomllib
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "build" / "mutation"
 RESULTS = ROOT / "benchmarks" / "results" / "mutation"
 NOTES = RESULTS / "notes.toml"
@@ -187,7 +187,7 @@ def _version() -> str:
 
 def summary(reports: list[dict]) -> str:
     lines = ["# Mutation testing (`make mutate`)", "",
-             "Written by `tools/mutate.py` from the group reports beside this file; survivors' notes come from "
+             "Written by `tests/mutations/mutate.py` from the group reports beside this file; survivors' notes come from "
              "`notes.toml`. Kill rate = (killed + timeout + segfault) / mutants; \"without equivalents\" leaves "
              "out the survivors noted as equivalent (no input tells them apart). \"source\" is the commit mutated.",
              "",
