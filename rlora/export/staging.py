@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ _TMP_MARK = ".export-tmp-"
 
 
 def pause_for_tests(what: str) -> None:
-    """Sleep ``$RLORA_EXPORT_TEST_PAUSE`` seconds (unset: return at once); prints a marker line to stderr."""
+    """Sleep ``$RLORA_EXPORT_TEST_PAUSE`` seconds (unset: return at once); says a marker line on the console
+    (rlora's own console line: the command's library output goes to its log file meanwhile)."""
     raw = os.environ.get(PAUSE_ENV)
     if not raw:
         return
@@ -33,7 +33,9 @@ def pause_for_tests(what: str) -> None:
         seconds = float(raw)
     except ValueError:
         raise ExportError(f"{PAUSE_ENV}={raw!r} is not a number of seconds: unset it or give e.g. 30") from None
-    print(f"[rlora] paused {seconds:g}s after {what}", file=sys.stderr, flush=True)
+    from .. import console
+
+    console.say(f"[rlora] paused {seconds:g}s after {what}")
     time.sleep(seconds)
 
 

@@ -63,12 +63,12 @@ def test_pause_env_must_be_a_number(adapters, tmp_path, monkeypatch):
 
 
 def _wait_for_marker(proc: subprocess.Popen, marker: str, timeout: float) -> tuple[bool, list[str]]:
-    """Read stderr lines until one contains ``marker`` (or the process ends / time runs out)."""
+    """Read the console (stdout and stderr) until a line contains ``marker`` (or the process ends / time runs out)."""
     lines: list[str] = []
     found = threading.Event()
 
     def reader():
-        for line in proc.stderr:
+        for line in proc.stdout:
             lines.append(line)
             if marker in line:
                 found.set()
@@ -86,7 +86,7 @@ def run_and_kill(argv: list[str], marker: str = "[rlora] paused", timeout: float
     """Run ``rlora ARGV`` in a subprocess with the pause hook, SIGKILL it once it pauses midway."""
     env = dict(os.environ, **{PAUSE_ENV: "300", "PYTHONPATH": str(REPO)})
     proc = subprocess.Popen([sys.executable, "-c", CLI, *argv], cwd=str(REPO), env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         seen, lines = _wait_for_marker(proc, marker, timeout)
         assert seen, f"the subprocess never reached the pause (exit code {proc.poll()}): {''.join(lines)[-800:]}"
