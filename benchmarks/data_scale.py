@@ -31,7 +31,6 @@ Usage: ``python benchmarks/data_scale.py [--quick] [--json] [--rows 10000,100000
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys

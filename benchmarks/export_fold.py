@@ -18,7 +18,6 @@ rows is measured for:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path

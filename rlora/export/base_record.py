@@ -17,22 +17,14 @@ mtime), so a second export of the same base does not read 0.5 GB again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+
+from ..models import sha256_file
 
 _MEMO = "weights_sha256.json"
 _MEMO_MIN_BYTES = 64 << 20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(folder: Path) -> dict[str, str]:
@@ -48,11 +40,11 @@ def weights_sha256(folder: Path) -> dict[str, str]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         st = f.stat()
         if st.st_size < _MEMO_MIN_BYTES:                # quick to hash again: not remembered
-            out[f.name] = _sha256(f)
+            out[f.name] = sha256_file(f)
             continue
         key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
-            memo[key] = _sha256(f)
+            memo[key] = sha256_file(f)
             changed = True
         out[f.name] = memo[key]
     if changed:

@@ -16,7 +16,6 @@ from rlora.export.api import REPORT_NAME
 from rlora.export.serving_rules import (TENSOR_KEY, VLLM_MAX_LORA_RANKS, check_merged_dir, check_peft_dir,
                                         engine_scaling, serving_commands, smallest_vllm_rank, tensor_shapes)
 
-from .conftest import TASKS
 
 METHODS = ("lora", "mtl", "hydra", "rlora")
 

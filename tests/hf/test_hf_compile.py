@@ -1,7 +1,6 @@
 """`torch.compile` of every method: one graph for the whole forward (fullgraph: a graph break raises) and no
 recompile when the batch brings other task-id values."""
 import pytest
-import torch
 
 from hf_helpers import METHODS, adapter_model
 

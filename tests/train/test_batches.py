@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 from types import SimpleNamespace
 
-import pytest
 
 from helpers import tiny_llama
 from rlora.context import current_task_ids
