@@ -87,7 +87,17 @@ def fresh_run_name(cfg):
 
 # ---- memory ---------------------------------------------------------------------------------------
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (``getrusage`` ru_maxrss, KiB on Linux)."""
+    """This process's peak resident set size so far: ``VmHWM`` of ``/proc/self/status`` (Linux), else
+    ``getrusage`` ru_maxrss (KiB). Not ru_maxrss on Linux: ``execve`` keeps the larger of the old image's
+    peak and the new one's, so a process started from a large one (a test runner, a benchmark driver)
+    would report its parent's peak; VmHWM belongs to this process image alone."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -11,7 +11,7 @@ tasks. For every cell:
   token cache open or build, sampler), the larger of the two workers (``load_train_data`` alone is
   reported too). Cold: an empty token cache (one worker builds, the other waits on the lock); warm: the
   same run again (both workers map the built cache).
-* **peak RSS per rank** -- ``ru_maxrss`` of each worker process at the end of the warm run (the larger of
+* **peak RSS per rank** -- the peak resident set (``_e2e.peak_rss_bytes``, VmHWM) of each worker process at the end of the warm run (the larger of
   the two). The growth figure is the largest row count's cell minus the smallest's, same task count.
 * **tokenizer alone / cold build** -- per round, on a sample folder of the cell's shape (its task count,
   ``S`` rows: S = 12k with ``--quick``, 50k otherwise; the build's cost per row does not depend on the
@@ -107,7 +107,7 @@ def run_cfg(data: Path, model: Path, out: Path, steps: int = RAY_STEPS):
 # ---- the Ray part: setup time and RSS per worker ------------------------------------------------------
 def _setup_worker(payload: dict) -> None:
     """A Ray Train worker: the product's training loop with ``setup_data`` timed; its record to a file."""
-    import resource
+    from _e2e import peak_rss_bytes
     import types
 
     from rlora.config import RunConfig
@@ -136,7 +136,7 @@ def _setup_worker(payload: dict) -> None:
     data_setup.load_train_data = timed_load
     summary = trainer.fit()
     rec = {"rank": rt.rank, "setup_s": trainer.setup_s, "data_s": timed_load.seconds, "note": trainer.data.cache_note,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "train_seconds": summary["train_seconds"]}
+           "peak_rss_bytes": peak_rss_bytes(), "train_seconds": summary["train_seconds"]}
     (Path(payload["out"]) / f"rank{rt.rank}.json").write_text(json.dumps(rec))
 
 

@@ -89,7 +89,7 @@ def test_a_contender_that_sleeps_twice_as_long_measures_a_ratio_of_two():
 
 def test_peak_rss_sees_a_known_allocation():
     """A fresh process touches 256 MiB (a bytearray written byte by byte); the benchmarks' peak RSS
-    (getrusage, KiB) must rise to the resident size before it plus 256 MiB, within 4 MiB (the
+    (VmHWM, KiB) must rise to the resident size before it plus 256 MiB, within 4 MiB (the
     interpreter's own allocations around it; a KiB read as 1000 bytes would be 6 MiB short)."""
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
             "import os, json\n"
