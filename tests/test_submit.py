@@ -119,7 +119,8 @@ def test_submit_without_a_source_checkout_is_refused_before_contacting_the_clust
 def test_no_wait_returns_while_the_job_still_runs_with_its_entrypoint_cpus(ray_head, tiny_model_dir, tmp_path):
     """`--no-wait` (the default) returns once the job is submitted: exit 0, the submission line and no final
     status. `--entrypoint-num-cpus` is the CPU reservation of the job's driver: 3 CPUs on this 2-CPU head keep
-    the job pending, while the same job with the default (0) starts running."""
+    the job pending, while the same job with the default (0) starts running. `--pip` reaches the pending job's
+    runtime environment."""
     import time
 
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -133,9 +134,9 @@ def test_no_wait_returns_while_the_job_still_runs_with_its_entrypoint_cpus(ray_h
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     client = JobSubmissionClient(address)
-    for name, cpus in (("starved", "3"), ("free", "0")):
+    for name, cpus, pip in (("starved", "3", ["--pip", "emoji==2.14.1"]), ("free", "0", [])):
         proc = subprocess.run([str(BIN / "rlora"), "submit", str(cfg_file), f"trainer.run_name={name}", "--address",
-                               address, "--no-wait", "--entrypoint-num-cpus", cpus],
+                               address, "--no-wait", "--entrypoint-num-cpus", cpus, *pip],
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"[rlora] submitted rlora-{name}-1" in proc.stdout and "[rlora] job rlora-" not in proc.stdout
@@ -144,5 +145,9 @@ def test_no_wait_returns_while_the_job_still_runs_with_its_entrypoint_cpus(ray_h
         time.sleep(1)
     assert client.get_job_status("rlora-free-1") == JobStatus.RUNNING
     assert client.get_job_status("rlora-starved-1") == JobStatus.PENDING
+    # `--pip` goes into the job's runtime environment (the pending job never installs it), and only there
+    pip_env = client.get_job_info("rlora-starved-1").runtime_env.get("pip")
+    assert pip_env is not None and "emoji==2.14.1" in (pip_env.get("packages") if isinstance(pip_env, dict) else pip_env)
+    assert "pip" not in client.get_job_info("rlora-free-1").runtime_env
     for sid in ("rlora-free-1", "rlora-starved-1"):
         client.stop_job(sid)
