@@ -144,7 +144,7 @@ async def _shoot_all(browser: str, pages: list, out: Path, settle_s: float) -> N
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(REPO / "docs" / "images"), help="folder for the PNGs")
+    p.add_argument("--out", default=str(REPO / "examples" / "screenshots"), help="folder for the PNGs")
     p.add_argument("--steps", type=int, default=8, help="training steps of the photographed run")
     p.add_argument("--ray", action="store_true", help="train with Ray workers (default: in this process)")
     p.add_argument("--keep", help="work folder to keep (default: a temporary one, removed afterwards); when it holds "
