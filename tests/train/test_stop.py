@@ -13,6 +13,15 @@ import yaml
 from helpers import run_config
 
 
+
+def stop_line_steps(text: str) -> tuple[int, int]:
+    """(N, M) of the one ``[rlora] stopped at step N; the same command resumes from the checkpoint of step M``."""
+    [stop] = [ln for ln in text.splitlines() if ln.startswith("[rlora] stopped")]
+    m = re.fullmatch(r"\[rlora\] stopped at step (\d+); the same command resumes from the checkpoint of step (\d+)",
+                     stop)
+    assert m, stop
+    return int(m.group(1)), int(m.group(2))
+
 @pytest.mark.slow
 def test_sigterm_stops_cleanly_and_leaves_no_process(tiny_model_dir, task_dir, tmp_path):
     import psutil
@@ -44,10 +53,8 @@ def test_sigterm_stops_cleanly_and_leaves_no_process(tiny_model_dir, task_dir, t
             proc.kill()
     text = "".join(out)
     assert proc.returncode == 143, text
-    [stop] = [ln for ln in text.splitlines() if ln.startswith("[rlora] stopped")]
-    m = re.fullmatch(r"\[rlora\] stopped at step (\d+); the same command resumes from the checkpoint of step (\d+)",
-                     stop)
-    assert m and int(m.group(1)) >= int(m.group(2)) >= 4, stop
+    stopped, resumes = stop_line_steps(text)
+    assert stopped >= resumes >= 4, text
     time.sleep(1)
     left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert left == [], [(p.pid, p.name()) for p in left]
@@ -84,7 +91,5 @@ def test_sigint_stops_a_local_compare_cell_at_a_step(tiny_model_dir, task_dir, t
             proc.kill()
     text = "".join(out)
     assert proc.returncode == 130, text
-    [stop] = [ln for ln in text.splitlines() if ln.startswith("[rlora] stopped")]
-    m = re.fullmatch(r"\[rlora\] stopped at step (\d+); the same command resumes from the checkpoint of step (\d+)",
-                     stop)
-    assert m and int(m.group(1)) >= int(m.group(2)) >= 2, stop
+    stopped, resumes = stop_line_steps(text)
+    assert stopped >= resumes >= 2, text
