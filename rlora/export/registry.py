@@ -151,9 +151,10 @@ def register(source, name: str, alias: str = "challenger", tracking_uri: Optiona
                                          signature=_signature(), pip_requirements=PIP_REQUIREMENTS)
             client.log_artifacts(run_id, str(model_dir), artifact)
             pause_for_tests("uploading the model")
+            # the one task it serves, else every task (chosen per row at predict time)
+            served = {"task": task} if task else {"tasks": ",".join(cfg.tasks)[:500]} if cfg.tasks else {}
             version = _create_version(client, name, alias, f"{run.info.artifact_uri}/{artifact}", run_id,
-                                      {"base_model": base, "method": cfg.method, "task": task or "",
-                                       "source": str(source)[:500]})
+                                      {"base_model": base, "method": cfg.method, "source": str(source)[:500], **served})
         except BaseException as err:
             try:
                 if train_run is None:

@@ -35,6 +35,9 @@ def test_version_source_run_is_the_training_run(trained):
     assert reg.run_id == rid
     mv = c.get_model_version_by_alias("rlora-linked", "challenger")
     assert mv.run_id == rid and mv.source.startswith(c.get_run(rid).info.artifact_uri + "/registered/rlora-linked/")
+    # a multi-task version names its tasks, not an empty `task`
+    assert "task" not in mv.tags and mv.tags["tasks"] == ",".join(json.loads(
+        (trained.adapter_dir / "rlora_adapter.json").read_text())["tasks"])
     # what the run page lists under "Registered models", and no extra run was made
     assert [v.version for v in c.search_model_versions(f"run_id = '{rid}'")] == [mv.version]
     [exp] = {r.info.experiment_id for r in c.search_runs([c.get_run(rid).info.experiment_id])}
