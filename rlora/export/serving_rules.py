@@ -101,6 +101,16 @@ def _architecture(base_config: Optional[dict]) -> Optional[str]:
     return archs[0] if archs else None
 
 
+class _Findings:
+    """The findings of one check, for the engines asked about."""
+
+    def __init__(self, engines: Iterable[str]):
+        self.engines, self.out = tuple(engines), []
+
+    def add(self, engs: Iterable[str], kind: str, field: str, message: str) -> None:
+        self.out += [Finding(e, kind, field, message) for e in engs if e in self.engines]
+
+
 def check_peft_dir(folder: Path, base_config: Optional[dict] = None, max_lora_rank: Optional[int] = None,
                    sglang_max_lora_rank: Optional[int] = None,
                    engines: Iterable[str] = ENGINES) -> list[Finding]:
@@ -108,17 +118,30 @@ def check_peft_dir(folder: Path, base_config: Optional[dict] = None, max_lora_ra
 
     ``base_config`` is the base model's ``config.json`` (its ``architectures`` name the supported modules);
     ``max_lora_rank`` is vLLM's ``--max-lora-rank`` (None: any value vLLM accepts, up to 512), and
-    ``sglang_max_lora_rank`` SGLang's (None: inferred from the adapters, as SGLang does)."""
-    folder = Path(folder)
-    engines = tuple(engines)
-    out: list[Finding] = []
+    ``sglang_max_lora_rank`` SGLang's (None: inferred from the adapters, as SGLang does).
 
-    def add(engs, kind, field, message):
-        for e in engs:
-            if e in engines:
-                out.append(Finding(e, kind, field, message))
+    Phases, each stopping the check where the engines would stop reading: the config file, its required
+    fields, the rank, unsupported features, target modules, then the tensors and how SGLang stacks them."""
+    folder, found = Path(folder), _Findings(engines)
+    cfg = _read_peft_config(folder, found)
+    if cfg is None or not _has_required_fields(cfg, found):
+        return found.out
+    if not _rank_fits(cfg["r"], max_lora_rank, sglang_max_lora_rank, found):
+        return found.out
+    _check_features(folder, cfg, found)
+    arch = _architecture(base_config)
+    supported = SUPPORTED_MODULES.get(arch or "")
+    _check_target_modules(cfg["target_modules"], supported, arch, found)
+    if not (folder / PEFT_WEIGHTS).is_file():
+        found.add(ENGINES, "reject", PEFT_WEIGHTS, "missing: the adapter holds no tensors")
+        return found.out
+    modules = _lora_modules(folder, found)
+    _check_module_tensors(modules, cfg["r"], cfg["target_modules"], supported, arch, found)
+    _check_stacking(modules, found)
+    return found.out
 
-    both = ENGINES
+
+def _read_peft_config(folder: Path, found: _Findings) -> Optional[dict]:
     cfg_path = folder / PEFT_CONFIG
     if not cfg_path.is_file():
         from ..adapter_io import CONFIG_NAME
@@ -128,117 +151,132 @@ def check_peft_dir(folder: Path, base_config: Optional[dict] = None, max_lora_ra
                    "`rlora export --format peft --task T`")
         else:
             msg = f"no {PEFT_CONFIG} in the folder: export with `rlora export --format peft`"
-        add(both, "reject", PEFT_CONFIG, msg)
-        return out
+        found.add(ENGINES, "reject", PEFT_CONFIG, msg)
+        return None
     try:
-        cfg = json.loads(cfg_path.read_text())
+        return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
-        add(both, "reject", PEFT_CONFIG, f"invalid JSON at line {err.lineno}: re-export the adapter")
-        return out
+        found.add(ENGINES, "reject", PEFT_CONFIG, f"invalid JSON at line {err.lineno}: re-export the adapter")
+        return None
 
+
+def _has_required_fields(cfg: dict, found: _Findings) -> bool:
     missing_v = [f for f in VLLM_REQUIRED_FIELDS if f not in cfg]
     if missing_v:
-        add(["vllm"], "reject", ", ".join(missing_v), "missing required configuration fields")
+        found.add(["vllm"], "reject", ", ".join(missing_v), "missing required configuration fields")
     missing_s = [f for f in SGLANG_REQUIRED_FIELDS if f not in cfg]
     if missing_s:
-        add(["sglang"], "reject", ", ".join(missing_s), "missing (SGLang reads them unconditionally)")
+        found.add(["sglang"], "reject", ", ".join(missing_s), "missing (SGLang reads them unconditionally)")
     if "peft_type" in cfg and str(cfg["peft_type"]).lower() != "lora":
-        add(["sglang"], "reject", "peft_type", f"is {cfg['peft_type']!r}; SGLang loads only LORA adapters")
-    if missing_v or missing_s:
-        return out
+        found.add(["sglang"], "reject", "peft_type", f"is {cfg['peft_type']!r}; SGLang loads only LORA adapters")
+    return not (missing_v or missing_s)
 
-    r = cfg["r"]
+
+def _rank_fits(r, max_lora_rank: Optional[int], sglang_max_lora_rank: Optional[int], found: _Findings) -> bool:
+    """False when ``r`` is no positive integer (nothing further can be checked)."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        add(both, "reject", "r", f"must be a positive integer, got {r!r}")
-        return out
+        found.add(ENGINES, "reject", "r", f"must be a positive integer, got {r!r}")
+        return False
     vmax = max_lora_rank if max_lora_rank is not None else VLLM_MAX_LORA_RANKS[-1]
     if max_lora_rank is not None and max_lora_rank not in VLLM_MAX_LORA_RANKS:
-        add(["vllm"], "reject", "--max-lora-rank", f"{max_lora_rank} is not one of {list(VLLM_MAX_LORA_RANKS)}")
+        found.add(["vllm"], "reject", "--max-lora-rank", f"{max_lora_rank} is not one of {list(VLLM_MAX_LORA_RANKS)}")
     elif r > vmax:
-        add(["vllm"], "reject", "r", f"rank {r} is greater than max_lora_rank {vmax}"
-            + ("" if max_lora_rank is not None else " (the largest vLLM accepts)"))
+        found.add(["vllm"], "reject", "r", f"rank {r} is greater than max_lora_rank {vmax}"
+                  + ("" if max_lora_rank is not None else " (the largest vLLM accepts)"))
     if sglang_max_lora_rank is not None and r > sglang_max_lora_rank:
-        add(["sglang"], "reject", "r", f"rank {r} is greater than --max-lora-rank {sglang_max_lora_rank}")
+        found.add(["sglang"], "reject", "r", f"rank {r} is greater than --max-lora-rank {sglang_max_lora_rank}")
+    return True
 
+
+def _check_features(folder: Path, cfg: dict, found: _Findings) -> None:
+    """Adapter features an engine rejects (bias, DoRA, modules_to_save, ...) or computes differently (rsLoRA)."""
     if cfg.get("bias", "none") != "none":
-        add(["vllm"], "reject", "bias", f"is {cfg['bias']!r}: adapter bias is not supported")
-        add(["sglang"], "differs", "bias", f"is {cfg['bias']!r}: SGLang loads no adapter bias")
+        found.add(["vllm"], "reject", "bias", f"is {cfg['bias']!r}: adapter bias is not supported")
+        found.add(["sglang"], "differs", "bias", f"is {cfg['bias']!r}: SGLang loads no adapter bias")
     if cfg.get("lora_bias"):
-        add(["vllm"], "reject", "lora_bias", "vLLM does not support LoRA bias")
-        add(["sglang"], "differs", "lora_bias", "SGLang loads no LoRA bias")
+        found.add(["vllm"], "reject", "lora_bias", "vLLM does not support LoRA bias")
+        found.add(["sglang"], "differs", "lora_bias", "SGLang loads no LoRA bias")
     mts = [m for m in (cfg.get("modules_to_save") or []) if m not in ("classifier", "score")]
     if mts:
-        add(["vllm"], "reject", "modules_to_save", f"{mts}: vLLM only supports modules_to_save being None")
-        add(["sglang"], "differs", "modules_to_save", f"{mts}: SGLang loads only LoRA factors")
+        found.add(["vllm"], "reject", "modules_to_save", f"{mts}: vLLM only supports modules_to_save being None")
+        found.add(["sglang"], "differs", "modules_to_save", f"{mts}: SGLang loads only LoRA factors")
     if cfg.get("use_dora"):
-        add(both, "reject", "use_dora", "DoRA adapters are not supported")
+        found.add(ENGINES, "reject", "use_dora", "DoRA adapters are not supported")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in VLLM_INIT_OK:
-        add(["vllm"], "reject", "init_lora_weights", f"{init!r} changes the base weights when PEFT loads it")
+        found.add(["vllm"], "reject", "init_lora_weights", f"{init!r} changes the base weights when PEFT loads it")
     for f in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora"):
         if cfg.get(f):
-            add(["vllm"], "reject", f, "vLLM does not support it")
+            found.add(["vllm"], "reject", f, "vLLM does not support it")
     if cfg.get("use_rslora"):
-        add(["sglang"], "differs", "use_rslora", "SGLang scales by lora_alpha / r and ignores use_rslora: "
-            "write the scale into lora_alpha")
+        found.add(["sglang"], "differs", "use_rslora", "SGLang scales by lora_alpha / r and ignores use_rslora: "
+                  "write the scale into lora_alpha")
     for f in ("rank_pattern", "alpha_pattern"):
         if cfg.get(f):
-            add(["sglang"], "differs", f, "SGLang uses one r and lora_alpha for every module")
+            found.add(["sglang"], "differs", f, "SGLang uses one r and lora_alpha for every module")
     if (folder / "added_tokens.json").is_file():
-        add(["sglang"], "reject", "added_tokens.json", "adapters that add tokens are not supported")
+        found.add(["sglang"], "reject", "added_tokens.json", "adapters that add tokens are not supported")
 
-    tm = cfg["target_modules"]
-    supported = SUPPORTED_MODULES.get(_architecture(base_config) or "")
+
+def _check_target_modules(tm, supported: Optional[tuple], arch: Optional[str], found: _Findings) -> None:
     if isinstance(tm, str):
         if tm not in ("all", "all-linear"):
-            add(["sglang"], "reject", "target_modules", f"{tm!r}: SGLang needs a list of module names or 'all-linear'")
+            found.add(["sglang"], "reject", "target_modules",
+                      f"{tm!r}: SGLang needs a list of module names or 'all-linear'")
     elif supported is not None:
         bad = sorted(set(tm) - set(supported))
         if bad:
-            add(["sglang"], "reject", "target_modules", f"{bad} are not LoRA layers of "
-                f"{_architecture(base_config)} (supported: {list(supported)})")
+            found.add(["sglang"], "reject", "target_modules", f"{bad} are not LoRA layers of "
+                      f"{arch} (supported: {list(supported)})")
 
-    if not (folder / PEFT_WEIGHTS).is_file():
-        add(both, "reject", PEFT_WEIGHTS, "missing: the adapter holds no tensors")
-        return out
-    shapes = tensor_shapes(folder)
+
+def _lora_modules(folder: Path, found: _Findings) -> dict[str, dict[str, tuple[int, ...]]]:
+    """module -> {"A": shape, "B": shape} of the adapter's tensors (misnamed tensors are findings)."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
+    for key, shape in tensor_shapes(folder).items():
         m = TENSOR_KEY.match(key)
         if m is None:
-            add(["vllm"], "reject", "tensor " + key, "is not named base_model.model.<module>.lora_A/B.weight")
-            add(["sglang"], "differs", "tensor " + key, "is not a LoRA factor and is not loaded")
+            found.add(["vllm"], "reject", "tensor " + key, "is not named base_model.model.<module>.lora_A/B.weight")
+            found.add(["sglang"], "differs", "tensor " + key, "is not a LoRA factor and is not loaded")
             continue
         modules.setdefault(m["module"], {})[m["which"]] = shape
+    return modules
+
+
+def _check_module_tensors(modules: dict, r: int, tm, supported: Optional[tuple], arch: Optional[str],
+                          found: _Findings) -> None:
     for module, ab in sorted(modules.items()):
         suffix = module.rsplit(".", 1)[-1]
         if supported is not None and suffix not in supported:
-            add(both, "reject", "tensor " + module, f"{suffix} is not a LoRA layer of {_architecture(base_config)} "
-                f"(supported: {list(supported)})")
+            found.add(ENGINES, "reject", "tensor " + module, f"{suffix} is not a LoRA layer of {arch} "
+                      f"(supported: {list(supported)})")
         if set(ab) != {"A", "B"}:
-            add(both, "reject", "tensor " + module, f"has lora_{'A' if 'A' in ab else 'B'} without its pair")
+            found.add(ENGINES, "reject", "tensor " + module, f"has lora_{'A' if 'A' in ab else 'B'} without its pair")
             continue
         a, b = ab["A"], ab["B"]
         if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
-            add(both, "reject", "tensor " + module, f"lora_A {list(a)} / lora_B {list(b)} do not have rank r={r} "
-                "(lora_A [r, d_in], lora_B [d_out, r])")
+            found.add(ENGINES, "reject", "tensor " + module, f"lora_A {list(a)} / lora_B {list(b)} do not have "
+                      f"rank r={r} (lora_A [r, d_in], lora_B [d_out, r])")
         if isinstance(tm, list) and suffix not in tm:
-            add(["sglang"], "reject", "tensor " + module, f"{suffix} is not in target_modules {tm}")
+            found.add(["sglang"], "reject", "tensor " + module, f"{suffix} is not in target_modules {tm}")
+
+
+def _check_stacking(modules: dict, found: _Findings) -> None:
+    """SGLang stacks q/k/v from q_proj and gate/up from gate_proj: a partner missing drops or breaks the others."""
     layers: dict[str, set[str]] = {}
     for module in modules:
         parent, _, suffix = module.rpartition(".")
         layers.setdefault(parent, set()).add(suffix)
     for parent, names in sorted(layers.items()):
         if "q_proj" in names and "v_proj" not in names:
-            add(["sglang"], "reject", f"{parent}.q_proj", "without v_proj: SGLang stacks q/k/v from q_proj and "
-                "needs v_proj (KeyError)")
+            found.add(["sglang"], "reject", f"{parent}.q_proj", "without v_proj: SGLang stacks q/k/v from q_proj "
+                      "and needs v_proj (KeyError)")
         elif names & {"k_proj", "v_proj"} and "q_proj" not in names:
-            add(["sglang"], "differs", f"{parent}.{'/'.join(sorted(names & {'k_proj', 'v_proj'}))}",
-                "without q_proj: SGLang stacks q/k/v from q_proj and skips these weights")
+            found.add(["sglang"], "differs", f"{parent}.{'/'.join(sorted(names & {'k_proj', 'v_proj'}))}",
+                      "without q_proj: SGLang stacks q/k/v from q_proj and skips these weights")
         if "up_proj" in names and "gate_proj" not in names:
-            add(["sglang"], "differs", f"{parent}.up_proj", "without gate_proj: SGLang stacks gate/up from gate_proj "
-                "and skips it")
-    return out
+            found.add(["sglang"], "differs", f"{parent}.up_proj", "without gate_proj: SGLang stacks gate/up from "
+                      "gate_proj and skips it")
 
 
 def check_merged_dir(folder: Path) -> list[Finding]:
