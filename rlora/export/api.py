@@ -136,52 +136,9 @@ def export(source: PathLike, task: Optional[str] = None, format: str = "peft", o
             _export_multihead(adapter_dir, cfg, staging, report, base_model)
             return staging.out
         base = base_model_name(cfg, base_model)
-        routed = cfg.method in ROUTED_METHODS
-        if routed and data is None:
-            raise ExportError(f"a {cfg.method} adapter routes tokens per input, so its export uses the task's average "
-                              "gates measured on dev rows: pass --data DIR (the run's data directory)")
-        examples = load_dev_examples(Path(data), task, max_examples) if data is not None and task else []
-        if data is not None and not task:
-            raise ExportError("--data needs --task: the dev rows of that task are used to measure the export")
-
-        from ..models import load_base_model, load_tokenizer
-        from .base_record import describe_base
-
-        model = load_base_model(base)
-        record = describe_base(base, model)
-        load_adapter(model, adapter_dir)
-        model.eval()
-        tokenizer = load_tokenizer(base) if (examples or format == "merged") else None
-        batches = token_batches(tokenizer, examples, max_length, batch_size, use_chat_template) if examples else []
-        reference = reference_pass(model, batches, tid) if batches else None
-        gates, tokens = (reference.gates, reference.tokens) if reference is not None else ({}, 0)
-        folds = fold_adapter(model, tid, gates if routed else None)
-        block_rank = next(iter(folds.values())).rank if folds else 0
-        if format == "peft" and folds and block_rank > cfg.r:
-            folds = compact_all(folds)          # R-LoRA's [Σḡ B, −B̄⁰][A; A⁰] -> the net update's own factors
-        rank = next(iter(folds.values())).rank if folds else 0
-        report.update(base_model=record["serve_as"], base_model_record=record, rank=rank, block_rank=block_rank,
-                      scaling=cfg.scaling, exact=cfg.method in EXACT_METHODS, dev_examples=len(examples),
-                      dev_tokens=tokens, relative_logit_error=None, relative_logit_error_bf16=None)
-        if routed:
-            report["average_gates"] = dict(iter_layer_gates(gates))
-        plain = None
-        if format == "merged" or batches:
-            weights = folded_weights(model, cfg.method, tid, folds)
-            plain = apply_weights(load_base_model(base), weights)
-            del weights
-        if batches:
-            # fp32: the fold itself; bf16: the export as an engine runs it (PEFT: an unmerged LoRA, merged: the
-            # merged weights), both against the adapter model in fp32
-            served = (served_model(load_base_model(base), folds, torch.bfloat16) if format == "peft"
-                      else copy.deepcopy(plain).to(torch.bfloat16))
-            report.update(relative_errors(model, {"relative_logit_error": plain, "relative_logit_error_bf16": served},
-                                          batches, tid, reference))
-            del served
-        del model
-        for key in ("relative_logit_error", "relative_logit_error_bf16"):
-            if not torch.isfinite(torch.tensor(report[key] or 0.0)):
-                raise ExportError("the measured relative logit error is not finite: the adapter weights hold NaN/inf")
+        examples = _dev_examples(cfg, data, task, max_examples)
+        folds, plain, tokenizer, record = _fold_and_measure(adapter_dir, cfg, base, format, tid, examples, report,
+                                                            max_length, batch_size, use_chat_template)
         if rid is not None:
             _log_to_run(rid, tracking_uri, report)
         with staging as tmp:
@@ -189,6 +146,64 @@ def export(source: PathLike, task: Optional[str] = None, format: str = "peft", o
                 write_peft(tmp, cfg, folds, record["serve_as"], on_file=staging.wrote, revision=record["revision"])
             else:
                 write_merged(tmp, plain, tokenizer, on_file=staging.wrote)
-            report["serving"] = serving_report(tmp, staging.out, format, record, task or "adapter", rank)
+            report["serving"] = serving_report(tmp, staging.out, format, record, task or "adapter", report["rank"])
             _write_report(tmp, report, staging)
     return staging.out
+
+
+def _dev_examples(cfg: AdapterConfig, data: Optional[PathLike], task: Optional[str], max_examples: int) -> list:
+    """The task's dev rows that measure the export (a routed adapter's average gates need them)."""
+    if cfg.method in ROUTED_METHODS and data is None:
+        raise ExportError(f"a {cfg.method} adapter routes tokens per input, so its export uses the task's average "
+                          "gates measured on dev rows: pass --data DIR (the run's data directory)")
+    examples = load_dev_examples(Path(data), task, max_examples) if data is not None and task else []
+    if data is not None and not task:
+        raise ExportError("--data needs --task: the dev rows of that task are used to measure the export")
+    return examples
+
+
+def _fold_and_measure(adapter_dir: Path, cfg: AdapterConfig, base: str, format: str, tid: Optional[int],
+                      examples: list, report: dict, max_length: int, batch_size: int, use_chat_template: bool):
+    """Fold the task's update into LoRA factors (and the merged weights where needed) and measure the export
+    against the adapter model on ``examples``; fills ``report``. Returns (folds, merged model or None,
+    tokenizer or None, the base model's record)."""
+    from ..models import load_base_model, load_tokenizer
+    from .base_record import describe_base
+
+    routed = cfg.method in ROUTED_METHODS
+    model = load_base_model(base)
+    record = describe_base(base, model)
+    load_adapter(model, adapter_dir)
+    model.eval()
+    tokenizer = load_tokenizer(base) if (examples or format == "merged") else None
+    batches = token_batches(tokenizer, examples, max_length, batch_size, use_chat_template) if examples else []
+    reference = reference_pass(model, batches, tid) if batches else None
+    gates, tokens = (reference.gates, reference.tokens) if reference is not None else ({}, 0)
+    folds = fold_adapter(model, tid, gates if routed else None)
+    block_rank = next(iter(folds.values())).rank if folds else 0
+    if format == "peft" and folds and block_rank > cfg.r:
+        folds = compact_all(folds)          # R-LoRA's [Σḡ B, −B̄⁰][A; A⁰] -> the net update's own factors
+    rank = next(iter(folds.values())).rank if folds else 0
+    report.update(base_model=record["serve_as"], base_model_record=record, rank=rank, block_rank=block_rank,
+                  scaling=cfg.scaling, exact=cfg.method in EXACT_METHODS, dev_examples=len(examples),
+                  dev_tokens=tokens, relative_logit_error=None, relative_logit_error_bf16=None)
+    if routed:
+        report["average_gates"] = dict(iter_layer_gates(gates))
+    plain = None
+    if format == "merged" or batches:
+        weights = folded_weights(model, cfg.method, tid, folds)
+        plain = apply_weights(load_base_model(base), weights)
+        del weights
+    if batches:
+        # fp32: the fold itself; bf16: the export as an engine runs it (PEFT: an unmerged LoRA, merged: the
+        # merged weights), both against the adapter model in fp32
+        served = (served_model(load_base_model(base), folds, torch.bfloat16) if format == "peft"
+                  else copy.deepcopy(plain).to(torch.bfloat16))
+        report.update(relative_errors(model, {"relative_logit_error": plain, "relative_logit_error_bf16": served},
+                                      batches, tid, reference))
+        del served
+    del model
+    for key in ("relative_logit_error", "relative_logit_error_bf16"):
+        if not torch.isfinite(torch.tensor(report[key] or 0.0)):
+            raise ExportError("the measured relative logit error is not finite: the adapter weights hold NaN/inf")
+    return folds, plain, tokenizer, record
