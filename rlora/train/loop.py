@@ -124,6 +124,7 @@ class Trainer:
         self.task_hist: list[list[float]] = []
         self.tracker = None
         self.p_history: list[dict] = []  # {"step", "probabilities"} of every logged step (the task-weights plot)
+        self._pending_plots = None  # this step's diagnostics, plotted after log() (plot_diagnostics)
         self.clock = _Clock()
         self.data_order = ""  # chained sha256 of the (task, example) slots of rank 0's micro-batches, in order
 
@@ -305,7 +306,7 @@ class Trainer:
     def plot_diagnostics(self) -> None:
         """Rank 0 writes the plots of this step's diagnostics pass, after :meth:`log`, so the
         task-weights plot has one point per logged step up to and including this one."""
-        diag, self._pending_plots = getattr(self, "_pending_plots", None), None
+        diag, self._pending_plots = self._pending_plots, None
         if diag is None or not self.tracker or not self.cfg.mlflow.log_artifacts:
             return
         from ..tracking.plots import save_diagnostic_plots
