@@ -89,3 +89,31 @@ def latest_in(storage: Path, world_size: Optional[int] = None) -> Optional[Path]
     cands = sorted((p for p in Path(storage).glob("checkpoint_*") if is_complete(p, world_size)),
                    key=lambda p: read_state(p)["global_step"])
     return cands[-1] if cands else None
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"   # Ray Train's list of the run's reported checkpoints
+
+
+def set_aside_broken_ray_snapshot(run_storage: Path) -> Optional[Path]:
+    """Ray Train's run snapshot, if a stop cut it short, moved out of Ray's way; returns its new path.
+
+    Ray rewrites ``checkpoint_manager_snapshot.json`` in place (truncate, then write) after every
+    checkpoint, and reads it when the next run of the same name starts; a run stopped during that write
+    (SIGTERM to the process group) leaves an empty or partial file, or one naming a checkpoint folder
+    that is gone, and Ray's controller then dies in its constructor. rlora does not need the snapshot to
+    resume (:func:`latest_in` scans the folder), so a broken one is renamed ``*.broken`` and Ray starts
+    without it. A readable snapshot is left alone (``None``)."""
+    snap = Path(run_storage) / RAY_SNAPSHOT
+    if not snap.is_file():
+        return None
+    try:
+        data = json.loads(snap.read_text(encoding="utf-8"))
+        names = [r["checkpoint_dir_name"] for r in data["checkpoint_results"]]
+        ok = isinstance(data, dict) and "ray_version" in data and all((snap.parent / n).is_dir() for n in names)
+    except (ValueError, KeyError, TypeError, OSError):
+        ok = False
+    if ok:
+        return None
+    aside = snap.with_name(snap.name + ".broken")
+    os.replace(snap, aside)
+    return aside

@@ -161,6 +161,12 @@ def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool, verbose: 
     run: dict[str, Any] = {"run_name": run_name, "started_at": time.time(), "verbose": verbose,
                            "log_dir": str(run_dir(cfg, run_name) / "logs"),
                            "storage_dir": str(Path(storage) / run_name) if is_local_path(storage) else None}
+    if run["storage_dir"]:
+        from . import checkpoint as ckpt
+
+        aside = ckpt.set_aside_broken_ray_snapshot(Path(run["storage_dir"]))
+        if aside:
+            say(f"[rlora] run {run_name}: Ray's run snapshot was cut short by the last stop; set aside as {aside}")
     run["resume_from"] = find_resume_checkpoint(cfg, storage, run_name)
     if run["resume_from"]:
         say(f"[rlora] run {run_name} has a checkpoint: resuming from {run['resume_from']}")

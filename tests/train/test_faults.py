@@ -113,9 +113,13 @@ def test_driver_sigterm_then_same_command_resumes(tiny_model_dir, task_dir, tmp_
     os.killpg(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
+    # the stop may land while Ray rewrites its run snapshot (truncate, then write): make that case certain
+    snap = tmp_path / "out" / "ray_results" / "driver" / "checkpoint_manager_snapshot.json"
+    snap.write_text(snap.read_text()[:40])
     done = subprocess.run([str(BIN / "rlora"), "train", str(f)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "resuming from" in done.stdout
+    assert "Ray's run snapshot was cut short by the last stop" in done.stdout
     summary = json.loads(sorted((tmp_path / "out" / "ray_results" / "driver").glob("checkpoint_*/results.json"))[-1]
                          .read_text())
     assert summary["global_step"] == 30 and summary["resumed_from_step"] >= 6
@@ -151,3 +155,24 @@ def test_truncated_checkpoint_shards_fail_loudly(local_ray, tiny_model_dir, task
         run_training(run_config(tiny_model_dir, task_dir, tmp_path, trainer__run_name="trunc2", trainer__max_steps=4,
                                 trainer__resume_from_checkpoint=str(ck), mlflow__enabled=False))
     assert "truncated or corrupted" in str(info.value)
+
+
+@pytest.mark.parametrize("text, broken", [
+    ("", True),                                                            # truncated before the write
+    ('{"ray_version": "2.60.0", "checkpoint_res', True),                   # cut in the middle
+    ('{"ray_version": "2.60.0", "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_gone"}]}', True),
+    ('{"ray_version": "2.60.0", "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_here"}]}', False),
+])
+def test_a_cut_short_ray_snapshot_is_set_aside(tmp_path, text, broken):
+    """Ray's controller dies in its constructor on an empty/partial snapshot or one naming a missing
+    checkpoint; the driver moves such a file aside (and only such a file) before Ray starts."""
+    from rlora.train import checkpoint as ckpt
+
+    (tmp_path / "checkpoint_here").mkdir()
+    snap = tmp_path / ckpt.RAY_SNAPSHOT
+    snap.write_text(text)
+    aside = ckpt.set_aside_broken_ray_snapshot(tmp_path)
+    assert (aside is not None) == broken
+    assert snap.exists() != broken
+    if broken:
+        assert aside.read_text() == text and aside.name.endswith(".broken")
