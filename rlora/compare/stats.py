@@ -133,6 +133,29 @@ def _statistic(acc: np.ndarray, statistic: str, tasks: list[str]) -> np.ndarray:
     return acc[..., tasks.index(statistic)]
 
 
+def paired_replicates(cells_a: Sequence[Mapping], cells_b: Sequence[Mapping], n_boot: int, seed: int) -> dict:
+    """The paired bootstrap behind :func:`paired_differences`, before any statistic is taken.
+
+    Returns ``{"tasks", "seeds", "dropped_seeds": {"a", "b"}, "observed": [2, T], "boot": [2, n_boot, T]}``:
+    the per-task accuracies of arm a (index 0) and b (1) on the shared seeds, observed and replicated by
+    :func:`~rlora.compare.bootstrap.bootstrap_accuracies` with ``numpy.random.default_rng(seed)``.
+    """
+    a_cells, b_cells = check_cells(cells_a, "cells_a"), check_cells(cells_b, "cells_b")
+    a_seed, b_seed = _by_seed(a_cells, "cells_a"), _by_seed(b_cells, "cells_b")
+    check_same_rows(a_cells[0], b_cells[0], "cells_b")
+    tasks = task_names(a_cells)
+    seeds = sorted(set(a_seed) & set(b_seed))
+    if not seeds:
+        raise CompareError(f"cells_a (seeds {sorted(a_seed)}) and cells_b (seeds {sorted(b_seed)}) share no seed: "
+                           "run both arms with the same seeds")
+    xa = [np.stack([a_seed[s]["correct"][t] for s in seeds]) for t in tasks]              # T x [S, n_t]
+    xb = [np.stack([b_seed[s]["correct"][t] for s in seeds]) for t in tasks]
+    observed = np.stack([_per_seed_accuracy(xa).mean(axis=0), _per_seed_accuracy(xb).mean(axis=0)])  # [2, T]
+    boot = bootstrap_accuracies(xa, xb, int(n_boot), np.random.default_rng(int(seed)))    # [2, B, T]
+    return {"tasks": tasks, "seeds": seeds, "observed": observed, "boot": boot,
+            "dropped_seeds": {"a": sorted(set(a_seed) - set(seeds)), "b": sorted(set(b_seed) - set(seeds))}}
+
+
 def paired_differences(cells_a: Sequence[Mapping], cells_b: Sequence[Mapping],
                        statistics: Optional[Iterable[str]] = None, n_boot: int = 2000, seed: int = 0,
                        level: float = 0.95) -> dict:
@@ -151,23 +174,12 @@ def paired_differences(cells_a: Sequence[Mapping], cells_b: Sequence[Mapping],
     ``seeds_to_resolve_1pt`` :func:`seeds_needed` for a half-width of 0.01 (None with one seed).
     """
     check_bootstrap_args(n_boot, seed, level)
-    a_cells, b_cells = check_cells(cells_a, "cells_a"), check_cells(cells_b, "cells_b")
-    a_seed, b_seed = _by_seed(a_cells, "cells_a"), _by_seed(b_cells, "cells_b")
-    check_same_rows(a_cells[0], b_cells[0], "cells_b")
-    tasks = task_names(a_cells)
+    rep = paired_replicates(cells_a, cells_b, n_boot, seed)
+    tasks, seeds, observed, boot = rep["tasks"], rep["seeds"], rep["observed"], rep["boot"]
     stats = list(statistics) if statistics is not None else [*RESERVED, *tasks]
     for s in stats:
         if s not in RESERVED and s not in tasks:
             raise CompareError(f"unknown statistic {s!r}: use 'mean', 'worst' or one of the tasks {tasks}")
-    seeds = sorted(set(a_seed) & set(b_seed))
-    if not seeds:
-        raise CompareError(f"cells_a (seeds {sorted(a_seed)}) and cells_b (seeds {sorted(b_seed)}) share no seed: "
-                           "run both arms with the same seeds")
-
-    xa = [np.stack([a_seed[s]["correct"][t] for s in seeds]) for t in tasks]              # T x [S, n_t]
-    xb = [np.stack([b_seed[s]["correct"][t] for s in seeds]) for t in tasks]
-    observed = np.stack([_per_seed_accuracy(xa).mean(axis=0), _per_seed_accuracy(xb).mean(axis=0)])  # [2, T]
-    boot = bootstrap_accuracies(xa, xb, int(n_boot), np.random.default_rng(int(seed)))    # [2, B, T]
     tail = (1 - level) / 2
     results = {}
     for s in stats:
@@ -179,8 +191,8 @@ def paired_differences(cells_a: Sequence[Mapping], cells_b: Sequence[Mapping],
                       "half_width": half, "verdict": verdict(lo, hi),
                       "seeds_to_resolve_1pt": seeds_needed(half, len(seeds)) if len(seeds) > 1 else None}
     return {"tasks": tasks, "seeds": seeds, "n_seeds": len(seeds), "seeds_resampled": len(seeds) > 1,
-            "dropped_seeds": {"a": sorted(set(a_seed) - set(seeds)), "b": sorted(set(b_seed) - set(seeds))},
-            "n_boot": int(n_boot), "level": float(level), "rng_seed": int(seed), "results": results}
+            "dropped_seeds": rep["dropped_seeds"], "n_boot": int(n_boot), "level": float(level),
+            "rng_seed": int(seed), "results": results}
 
 
 def paired_difference(cells_a: Sequence[Mapping], cells_b: Sequence[Mapping], statistic: str = "mean",
