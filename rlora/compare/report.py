@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from .cells import CompareError
 from .summary import summarize
 
-__all__ = ["forest_plot", "markdown_table", "summarize", "to_json"]
+__all__ = ["forest_plot", "markdown_table", "pooled_forest_plot", "pooled_markdown", "summarize", "to_json"]
 
 PathLike = Union[str, Path]
 VERDICT_COLOURS = {"better": "#1a9850", "worse": "#d73027", "no detectable difference": "#555555"}
@@ -109,6 +109,25 @@ def _footnotes(summary: Mapping) -> list[str]:
     return notes
 
 
+def _budget_lines(budget: Mapping) -> list[str]:
+    ranks = ", ".join(f"{arm} {r}" for arm, r in budget["ranks"].items())
+    lora = budget.get("lora_rank")
+    return [f"**Budget** `{budget['mode']}`: " + (f"LoRA rank {lora}; " if lora is not None else "") + f"ranks {ranks}."]
+
+
+def _tuning_table(tuning: Mapping) -> list[str]:
+    """The picks of ``--tune`` (see :mod:`rlora.compare.tune`): one row per arm, a column per candidate."""
+    picks = tuning["picks"]
+    labels = list(picks[0]["scores"]) if picks else []
+    lines = [f"**Tuning** (per arm: one cell per candidate, seed {tuning['seed']}, {tuning['steps']} steps, scored on "
+             f"{tuning['val_rows']} validation rows per task carved from the training rows; macro-mean validation "
+             "accuracy in %; the verdict's cells train on the same carved rows with the pick)", "",
+             _row(["method", "sampler", *labels, "pick"]), _row(["---", "---", *["---:"] * len(labels), "---"])]
+    for p in picks:
+        lines.append(_row([p["method"], p["sampler"], *[_pct(p["scores"][lb]) for lb in labels], p["picked"]]))
+    return lines
+
+
 def markdown_table(summary: Mapping, per_task: bool = False) -> str:
     """Markdown: one row per arm (per-task accuracy, mean, worst), then one row per comparison and
     statistic (macro mean and worst task; every task too when ``per_task``) with the difference in
@@ -116,6 +135,10 @@ def markdown_table(summary: Mapping, per_task: bool = False) -> str:
     lines = _arm_table(summary)
     if summary["comparisons"]:
         lines += ["", *_difference_table(summary, per_task)]
+    if summary.get("budget"):
+        lines += ["", *_budget_lines(summary["budget"])]
+    if summary.get("tuning"):
+        lines += ["", *_tuning_table(summary["tuning"])]
     for note in _footnotes(summary):
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -153,6 +176,80 @@ def forest_plot(summary: Mapping, path: PathLike, statistics: Sequence[str] = ("
     if any(not c["seeds_resampled"] for c in comparisons):
         title += "\n* one seed: dev rows resampled, seed-to-seed variance left out"
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=110)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+def pooled_markdown(pooled: Mapping) -> str:
+    """Markdown of :func:`~rlora.compare.pooled.pool_sets`: each arm's macro mean per set and pooled, then
+    per comparison one row per set and the pooled row (difference in points, interval, verdict), with the
+    set weights and the heterogeneity of the per-set differences (Cochran's Q, its p-value, I²)."""
+    sets, level = pooled["sets"], f"{100 * pooled['level']:g} %"
+    weights = ", ".join(f"{k} {v:.3g}" for k, v in pooled["weights"].items())
+    lines = [f"**Dev accuracy per arm and set** (%, macro mean over the set's tasks, mean over seeds; pooled: "
+             f"weights {weights})", "", _row(["method", "sampler", *sets, "pooled"]),
+             _row(["---", "---", *["---:"] * len(sets), "---:"])]
+    for arm in pooled["arms"]:
+        lines.append(_row([arm["method"], arm["sampler"], *[_pct(arm["sets"][k]) if k in arm["sets"] else "–"
+                                                           for k in sets], _pct(arm["mean"])]))
+    lines += ["", f"**Paired differences A − B pooled over sets** (points; {level} percentile interval of a "
+              f"stratified hierarchical bootstrap: within each set seeds, then dev rows; {pooled['n_boot']} "
+              "resamples)", "", _row(["comparison (A vs B)", "set", "weight", "seeds", "A", "B", "A − B",
+                                       f"{level} CI", "verdict"]),
+              _row(["---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---"])]
+    for c in pooled["comparisons"]:
+        p = c["pooled"]
+        for name, r in p["sets"].items():
+            lines.append(_row([c["label"], name, f"{r['weight']:.3g}", r["n_seeds"], _pct(r["a"]), _pct(r["b"]),
+                               _pts(r["diff"]), f"[{_pts(r['lo'])}, {_pts(r['hi'])}]", r["verdict"]]))
+        tag = " (sets disagree)" if p["sets_disagree"] else ""
+        lines.append(_row([c["label"], "**pooled**", "1", sum(r["n_seeds"] for r in p["sets"].values()),
+                           _pct(p["a"]), _pct(p["b"]), f"**{_pts(p['diff'])}**", f"[{_pts(p['lo'])}, {_pts(p['hi'])}]",
+                           p["verdict"] + tag]))
+    het = [c for c in pooled["comparisons"] if c["pooled"]["heterogeneity"]["q"] is not None]
+    if het:
+        lines += ["", "Heterogeneity of the per-set differences (Cochran's Q on the bootstrap variances, "
+                  "chi-square p-value, I²): " + "; ".join(
+                      f"{c['label']}: Q {h['q']:.2f} (df {h['df']}, p {h['p']:.3f}), I² {100 * h['i2']:.0f} %"
+                      for c in het for h in [c["pooled"]["heterogeneity"]]) + "."]
+    for note in pooled.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def pooled_forest_plot(pooled: Mapping, path: PathLike) -> Path:
+    """PNG forest plot of :func:`~rlora.compare.pooled.pool_sets`: one panel per comparison, one row per set
+    (dot and interval) and the pooled row (a diamond) at the bottom, coloured by verdict; a line at 0."""
+    comparisons = pooled["comparisons"]
+    if not comparisons:
+        raise CompareError("the pooled summary has no comparison to plot: it needs the baseline and another method")
+    rows = len(pooled["sets"]) + 1
+    fig = Figure(figsize=(4.2 * len(comparisons) + 2.5, 1.6 + 0.45 * rows))
+    axes = fig.subplots(1, len(comparisons), sharey=True, squeeze=False)[0]
+    for k, (ax, c) in enumerate(zip(axes, comparisons)):
+        p = c["pooled"]
+        entries = [(name, r, "o") for name, r in p["sets"].items()] + [("pooled", p, "D")]
+        names = []
+        for y, (name, r, marker) in zip(range(rows - 1, -1, -1), entries):
+            colour = VERDICT_COLOURS[r["verdict"]]
+            ax.hlines(y, 100 * r["lo"], 100 * r["hi"], color=colour, linewidth=2 if marker == "o" else 3.5)
+            ax.plot([100 * r["diff"]], [y], marker, color=colour, markersize=6 if marker == "o" else 9)
+            names.append(name)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(c["label"], fontsize=10)
+        ax.set_xlabel("A − B (points)")
+        ax.grid(axis="x", alpha=0.3)
+        if k == 0:
+            ax.set_yticks(list(range(rows - 1, -1, -1)), names)
+    ax.set_ylim(-0.7, rows - 0.3)
+    level = f"{100 * pooled['level']:g} %"
+    fig.suptitle(f"Per set and pooled (diamond) paired differences with {level} stratified bootstrap intervals",
+                 fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
