@@ -29,14 +29,15 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------------------------
 # Adapter
 # --------------------------------------------------------------------------------------------
-Method = Literal["lora", "hydra", "rlora", "mtl"]
+Method = Literal["lora", "hydra", "rlora", "mtl", "align"]
+SINGLE_HEAD_METHODS = ("lora", "align")  # one B head: plain LoRA in the forward
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class AdapterConfig(_Section):
     """Multi-head LoRA adapter settings (shared by every method).
 
-    ``num_heads`` is the number of B heads (N for hydra/rlora, n for mtl); ``lora`` ignores it.
+    ``num_heads`` is the number of B heads (N for hydra/rlora, n for mtl); ``lora`` and ``align`` ignore it.
     ``tasks`` names the tasks; task id ``i`` means ``tasks[i]``.
     """
 
@@ -52,6 +53,8 @@ class AdapterConfig(_Section):
     rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
     diagonal: bool = Field(False, description="MTL-LoRA: Lambda_t is diagonal (a vector)")
     zero_start_offset: bool = Field(True, description="R-LoRA: keep the offset that makes step 0 exact")
+    align_lambda: float = Field(0.2, description="Align-LoRA: weight of the alignment loss (symmetric KL of "
+                                                  "the tasks' Gaussian fits of A x)")
     base_model: Optional[str] = Field(None, description="recorded base model name or path")
 
     @field_validator("r")
@@ -82,6 +85,13 @@ class AdapterConfig(_Section):
             raise ValueError(f"adapter.dropout must be in [0, 1), got {v}")
         return v
 
+    @field_validator("align_lambda")
+    @classmethod
+    def _lambda_nonneg(cls, v: float) -> float:
+        if not v >= 0:
+            raise ValueError(f"adapter.align_lambda must be >= 0, got {v}")
+        return v
+
     @field_validator("temperature", "gamma")
     @classmethod
     def _strictly_pos(cls, v: float, info) -> float:
@@ -110,8 +120,8 @@ class AdapterConfig(_Section):
 
     @property
     def heads(self) -> int:
-        """Number of B heads actually built (1 for plain LoRA)."""
-        return 1 if self.method == "lora" else self.num_heads
+        """Number of B heads actually built (1 for plain LoRA and Align-LoRA)."""
+        return 1 if self.method in SINGLE_HEAD_METHODS else self.num_heads
 
 
 # --------------------------------------------------------------------------------------------

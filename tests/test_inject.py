@@ -6,7 +6,7 @@ import rlora
 from rlora.layers import AdapterError
 from helpers import tiny_llama
 
-METHODS = ["lora", "hydra", "rlora", "mtl"]
+METHODS = ["lora", "hydra", "rlora", "mtl", "align"]
 TASKS = ["qa", "math", "sentiment"]
 
 
@@ -173,5 +173,6 @@ def test_method_picks_the_layer(method):
     assert layers and all(type(layer) is LAYERS[method] and layer.method == method for layer in layers)
     params = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     expected = {"lora": {"lora_A", "lora_B"}, "hydra": {"lora_A", "lora_B", "router"},
-                "rlora": {"lora_A", "lora_B", "router"}, "mtl": {"lora_A", "lora_B", "task_lambda", "task_weight"}}
+                "rlora": {"lora_A", "lora_B", "router"}, "mtl": {"lora_A", "lora_B", "task_lambda", "task_weight"},
+                "align": {"lora_A", "lora_B"}}
     assert params == expected[method]

@@ -3,7 +3,7 @@
 Every layer becomes ``h = W0 x + s · B' A' x`` (PEFT's LoRA form) with ``A' [r', d_in]``, ``B' [d_out, r']``
 and the adapter's scaling ``s``:
 
-* ``lora``:  A' = A, B' = B_1 (exact, r' = r);
+* ``lora``, ``align``:  A' = A, B' = B_1 (exact, r' = r; Align-LoRA is plain LoRA in the forward);
 * ``mtl``:   A' = Λ_t A, B' = Σ_i softmax(w_t/τ)_i B_i (exact, r' = r);
 * ``hydra``: the per-token router ``g(x)`` cannot be folded exactly; it is replaced by the task's
   average gates ḡ (the router softmax averaged over the tokens of the task's dev rows, per layer):
@@ -34,7 +34,7 @@ from ..inject import adapter_layers, merge, unmerge
 from ..layers import HydraLoRALinear, LoRALinear, MTLLoRALinear, MultiHeadLoRALinear, RLoRALinear
 from .errors import ExportError
 
-EXACT_METHODS = ("lora", "mtl")
+EXACT_METHODS = ("lora", "mtl", "align")
 ROUTED_METHODS = ("hydra", "rlora")
 
 
@@ -60,7 +60,7 @@ class LowRank:
 def task_index(cfg: AdapterConfig, task: Optional[str]) -> Optional[int]:
     """The task id of ``task`` (None for lora, where the task is ignored, and for routed adapters that
     recorded no task list). Unknown or missing tasks raise a one-line :class:`ExportError`."""
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "align"):
         return None
     if task is None:
         listed = f": one of {cfg.tasks}" if cfg.tasks else ""

@@ -53,14 +53,22 @@ def forward_loss(model, batch: dict, num_tasks: int, normalizer: float | None = 
     ranks, scaled back by the engine's averaging, so that the gradient is the per-token mean of the
     whole step whatever the split into micro-batches and ranks. ``autocast``: the forward in bfloat16
     autocast (fp32 weights); the loss is always taken in fp32.
+
+    Align-LoRA in training adds ``λ · L_align`` of this micro-batch (:mod:`rlora.alignment`; λ is
+    ``adapter.align_lambda``) and records the unweighted ``L_align`` as ``batch["align_loss"]`` (a float).
     """
+    from ..alignment import record_alignment
     from ..context import task_ids
 
     amp = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16) if autocast else nullcontext()
-    with task_ids(batch["task_ids"]), amp:
+    with task_ids(batch["task_ids"]), amp, record_alignment(model, batch["attention_mask"], batch["task_ids"]) as align:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
     labels = batch["labels"][:, -batch["keep"]:].to(out.logits.device)
     loss_sum, count = per_task_loss(out.logits, labels, batch["task_ids"], num_tasks)
     loss = loss_sum.sum() / (normalizer if normalizer is not None else count.sum().clamp(min=1))
+    if align is not None:
+        term = align.loss().to(loss.device)
+        loss = loss + getattr(model, "module", model).rlora_config.align_lambda * term
+        batch["align_loss"] = float(term.detach())
     return loss, loss_sum.detach(), count.detach()

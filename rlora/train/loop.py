@@ -125,6 +125,7 @@ class Trainer:
         self.tracker = None
         self.p_history: list[dict] = []  # {"step", "probabilities"} of every logged step (the task-weights plot)
         self._pending_plots = None  # this step's diagnostics, plotted after log() (plot_diagnostics)
+        self.align_loss: Optional[float] = None  # Align-LoRA's alignment term of the last step
         self.clock = _Clock()
         self.data_order = ""  # chained sha256 of the (task, example) slots of rank 0's micro-batches, in order
 
@@ -275,6 +276,10 @@ class Trainer:
         self.step += 1
         self.clock.step_done(sum(b["tokens"] for b in batches))
         stats = all_reduce_sum(torch.cat([sums, counts]))
+        aligned = [b["align_loss"] for b in batches if "align_loss" in b]  # Align-LoRA: on every rank or none
+        if aligned:  # the unweighted alignment term, mean over the step's micro-batches and ranks
+            a = all_reduce_sum(torch.tensor([float(sum(aligned)), float(len(aligned))]))
+            self.align_loss = float(a[0] / a[1])
         task_loss = [float(x / c) if c > 0 else float("nan") for x, c in zip(stats[:T].tolist(), stats[T:].tolist())]
         step_loss = float(stats[:T].sum() / stats[T:].sum().clamp(min=1))
         self.loss_hist.append(step_loss)
@@ -330,6 +335,8 @@ class Trainer:
                   f"ETA {format_duration(eta)}")
         names, sampler = self.data.names, self.data.sampler
         m = {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_s": tps}
+        if self.align_loss is not None:
+            m["train/align_loss"] = self.align_loss
         m.update({f"train/loss/{n}": v for n, v in zip(names, task_loss)})
         m.update({f"sampler/p/{n}": float(p) for n, p in zip(names, sampler.probabilities)})
         self._track(m, self.step)
