@@ -24,7 +24,8 @@ def _names(text: str, allowed: tuple, flag: str) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_config
-    from .runner import Comparison
+    from .suite import Suite
+    from .tune import parse_tune
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
@@ -34,8 +35,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(cfg.trainer.output_dir) / "compare" / Path(args.config).stem)
     methods = _names(args.methods, METHODS, "--methods")
     arms = [(m, s) for s in _names(args.samplers, SAMPLERS, "--samplers") for m in methods]
-    Comparison(cfg, arms, args.seeds, args.baseline, args.budget, out, local=args.local, n_boot=args.n_boot,
-               verbose=args.verbose).run()
+    if args.baseline not in methods:
+        raise ConfigError(f"--baseline {args.baseline} is not among --methods {','.join(methods)}: add it or pick one")
+    if args.tune_steps is not None and args.tune_steps < 1:
+        raise ConfigError(f"--tune-steps must be >= 1, got {args.tune_steps}")
+    if args.val_rows < 1:
+        raise ConfigError(f"--val-rows must be >= 1, got {args.val_rows}")
+    if (args.tune_steps is not None or args.val_rows != 100) and not args.tune:
+        raise ConfigError("--tune-steps and --val-rows only apply with --tune: add --tune KEY=V1,V2 or drop them")
+    sets = [x.strip() for x in args.sets.split(",") if x.strip()] if args.sets is not None else None
+    if sets is not None and not sets:
+        raise ConfigError(f"--sets {args.sets!r}: give a comma-separated list of data set names or folders")
+    Suite(cfg, arms, args.seeds, args.baseline, args.budget, out, sets=sets, tune=parse_tune(args.tune or [], cfg),
+          tune_steps=args.tune_steps, val_rows=args.val_rows, local=args.local, n_boot=args.n_boot,
+          verbose=args.verbose).run()
     return 0
 
 
@@ -55,4 +68,12 @@ def _add_command(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--local", action="store_true", help="train the cells in this process instead of on Ray")
     c.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     c.add_argument("--verbose", action="store_true", help="every cell's library and worker output here, not in its log")
+    c.add_argument("--sets", help="comma-separated data sets, each reported and then pooled: folders, names in the "
+                                  "folder holding data.path, or mtl_gpu12_rest (built from mtl_gpu12 less mtl_cpu6)")
+    c.add_argument("--tune", action="append", metavar="KEY=V1,V2,...",
+                   help="per arm, pick KEY's value on a validation split carved from the training rows (repeat for "
+                        "a product), then run the seeds with the pick")
+    c.add_argument("--tune-steps", type=int, help="optimizer steps of the tuning cells (default: trainer.max_steps)")
+    c.add_argument("--val-rows", type=int, default=100,
+                   help="training rows per task carved out for validation with --tune (default 100)")
     c.set_defaults(fn=cmd_compare)

@@ -31,6 +31,7 @@ class Cell:
     cfg: RunConfig
     key: str
     params: dict
+    overrides: tuple = ()   # the arm's dotted overrides (its --tune pick)
 
     @property
     def label(self) -> str:
@@ -69,24 +70,41 @@ def cell_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def plan(cfg: RunConfig, arms: list[tuple[str, str]], seeds: int, budget: Budget, out_dir: Path) -> list[Cell]:
+def with_overrides(cfg: RunConfig, overrides: Optional[list[str]]) -> RunConfig:
+    """``cfg`` with dotted overrides applied and validated (``cfg`` itself when there are none)."""
+    if not overrides:
+        return cfg
+    from ..config import apply_overrides, validate_config
+
+    return validate_config(apply_overrides(cfg.model_dump(mode="json"), list(overrides)), "overrides")
+
+
+def plan(cfg: RunConfig, arms: list[tuple[str, str]], seeds: int, budget: Budget, out_dir: Path,
+         overrides: Optional[dict[tuple[str, str], list[str]]] = None) -> list[Cell]:
     """A cell per (method, sampler) arm and seed; seeds are ``trainer.seed + 0 .. seeds - 1``. LoRA gets the
     rank of the equal ``budget`` against the multi-head methods (all three, so that a LoRA cell is the same
-    in every grid of a config) and keeps their scaling (``alpha`` scaled with its rank)."""
-    rank = lora_rank(cfg, [m for m in METHODS if m != "lora"], budget)
+    in every grid of a config) and keeps their scaling (``alpha`` scaled with its rank). ``overrides``: dotted
+    overrides per arm (its tuned pick, ``--tune``), applied before its rank and key are computed."""
+    overrides = overrides or {}
+    ranks: dict[tuple, int] = {}
     cells = []
     for i in range(seeds):
         for method, sampler in arms:
-            c = cfg.model_copy(deep=True)
+            own = overrides.get((method, sampler))
+            acfg = with_overrides(cfg, own)
+            if tuple(own or ()) not in ranks:
+                ranks[tuple(own or ())] = lora_rank(acfg, [m for m in METHODS if m != "lora"], budget)
+            rank = ranks[tuple(own or ())]
+            c = acfg.model_copy(deep=True)
             c.adapter.method = method
-            if method == "lora" and rank != cfg.adapter.r:
-                ratio = rank / cfg.adapter.r
-                c.adapter.alpha = cfg.adapter.alpha * (ratio ** 0.5 if cfg.adapter.rslora else ratio)
+            if method == "lora" and rank != acfg.adapter.r:
+                ratio = rank / acfg.adapter.r
+                c.adapter.alpha = acfg.adapter.alpha * (ratio ** 0.5 if acfg.adapter.rslora else ratio)
                 c.adapter.r = rank
             c.sampler.strategy = sampler
             c.trainer.seed = cfg.trainer.seed + i
             c.trainer.output_dir = str(out_dir / "runs")
             key = cell_key(c)
             c.trainer.run_name = f"cmp-{method}-{sampler}-s{c.trainer.seed}-{key[:6]}"
-            cells.append(Cell(method, sampler, c.trainer.seed, c, key, parameter_counts(c)))
+            cells.append(Cell(method, sampler, c.trainer.seed, c, key, parameter_counts(c), tuple(own or ())))
     return cells

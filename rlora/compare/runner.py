@@ -39,7 +39,7 @@ def cell_record(cell: Cell, summary: dict, wall_s: float, mlflow_run_id: Optiona
         raise CompareError(f"cell {cell.label} has no per-row dev results: set eval.split to a split with rows")
     return {"method": cell.method, "sampler": cell.sampler, "seed": cell.seed, "key": cell.key,
             "run_name": cell.cfg.trainer.run_name, "mlflow_run_id": mlflow_run_id, "params": cell.params,
-            "rank": cell.cfg.adapter.r, "wall_s": wall_s,
+            "rank": cell.cfg.adapter.r, "overrides": list(cell.overrides), "wall_s": wall_s,
             "correct": {t: r["row_correct"] for t, r in after.items()},
             "row_ids": {t: r["row_ids"] for t, r in after.items()},
             "accuracy": {t: r["accuracy"] for t, r in after.items()},
@@ -84,7 +84,10 @@ class Comparison:
 
     def __init__(self, cfg: RunConfig, arms: list[tuple[str, str]], seeds: int, baseline: str, budget: str,
                  out_dir: Path, local: bool = False, n_boot: int = 2000, name: Optional[str] = None,
-                 verbose: bool = False):
+                 verbose: bool = False, overrides: Optional[dict[tuple[str, str], list[str]]] = None,
+                 rng_seed: Optional[int] = None, tuning: Optional[dict] = None):
+        """``overrides``: dotted overrides per arm (``--tune``'s picks); ``rng_seed``: the bootstrap's seed
+        (default ``trainer.seed``); ``tuning``: how the picks were made, carried into the report."""
         self.methods = list(dict.fromkeys(m for m, _ in arms))
         self.samplers = list(dict.fromkeys(s for _, s in arms))
         if baseline not in self.methods:
@@ -93,16 +96,24 @@ class Comparison:
         self.cfg, self.arms, self.seeds = cfg, arms, seeds
         self.baseline, self.budget, self.out, self.local, self.n_boot = baseline, budget, out_dir, local, n_boot
         self.name, self.verbose = name or out_dir.resolve().name, verbose
+        self.overrides, self.tuning = overrides or {}, tuning
+        self.rng_seed = cfg.trainer.seed if rng_seed is None else rng_seed
         self.parent_run_id: Optional[str] = None
         self.uri: Optional[str] = None
+        self.cell_records: list[dict] = []
 
     # ---- phases -------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train what is missing, then write and return the report (summary)."""
+        return self._report(self.records())
+
+    def records(self) -> list[dict]:
+        """Train the cells not finished yet; every cell's record, in plan order."""
         from ..train.launcher import preflight
 
         cfg = preflight(self.cfg.model_copy(deep=True))
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
-        cells = plan(cfg, self.arms, self.seeds, self.budget, self.out.resolve())
+        cells = plan(cfg, self.arms, self.seeds, self.budget, self.out.resolve(), self.overrides)
         self._print_plan(cells)
         self._start_parent(cfg)
         todo = [c for c in cells if not (self.out / "cells" / f"{c.key}.json").is_file()]
@@ -111,8 +122,8 @@ class Comparison:
                 print(f"[rlora] compare: {c.label} finished earlier: skipped", flush=True)
         if todo:
             self._run_cells(cfg, todo)
-        records = [json.loads((self.out / "cells" / f"{c.key}.json").read_text()) for c in cells]
-        return self._report(records)
+        self.cell_records = [json.loads((self.out / "cells" / f"{c.key}.json").read_text()) for c in cells]
+        return self.cell_records
 
     def _run_cells(self, cfg: RunConfig, todo: list[Cell]) -> None:
         """Ray's start-up lines go to ``logs/compare.log``. One cell at a time logs to its own
@@ -195,8 +206,13 @@ class Comparison:
         check_pairing(records)
         base_sampler = "proportional" if "proportional" in self.samplers else self.samplers[0]
         summary = summarize(records, self.baseline, baseline_sampler=base_sampler, n_boot=self.n_boot,
-                            seed=self.cfg.trainer.seed)
+                            seed=self.rng_seed)
         summary["wall_s_total"] = sum(r["wall_s"] for r in records)
+        summary["budget"] = {"mode": self.budget,
+                             "ranks": {f"{r['method']}/{r['sampler']}": r["rank"] for r in records},
+                             "lora_rank": next((r["rank"] for r in records if r["method"] == "lora"), None)}
+        if self.tuning is not None:
+            summary["tuning"] = self.tuning
         table = markdown_table(summary)
         (self.out / "compare.md").write_text(table + "\n")
         _write_json(self.out / "compare.json", to_json(summary))

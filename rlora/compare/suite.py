@@ -1,0 +1,107 @@
+"""``rlora compare`` over one or several data sets, with optional per-arm tuning: the whole verb.
+
+    for each set k (``--sets``; default: the config's ``data.path``, reported in OUT as before)
+        [--tune]  carve a validation split from its training rows (OUT/data/<set>.val<R>-s<seed>)
+                  -> one cell per arm and candidate (first seed, --tune-steps) in OUT/<set>/tune/<candidate>
+                  -> per arm the candidate with the best validation score
+        the set's grid, every arm with its pick        -> OUT/<set>/{cells, compare.md, compare.json, forest.png}
+    with several sets: pooled paired differences      -> OUT/pooled.md, pooled.json, forest_pooled.png
+
+Set ``k`` (from 0 in ``--sets`` order) bootstraps with seed ``trainer.seed + k``, so its lines in the pooled
+report are exactly its own report's (:mod:`rlora.compare.pooled`). Every cell is resumable as before
+(a cell's key is its config and its data's contents; derived data folders are rebuilt byte for byte).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import ConfigError, RunConfig
+from .datasets import carve_validation, resolve_sets
+from .runner import Comparison, _write_json
+from .tune import Score, comparison_score, tune_arms
+
+Arm = tuple[str, str]
+
+
+class Suite:
+    """``sets``: ``--sets`` names (None: the config's data); ``tune``: parsed ``--tune`` specs (empty: none);
+    ``score``: a stand-in for the tuning cells' training and scoring (``set name, cfg -> Score``), for tests."""
+
+    def __init__(self, cfg: RunConfig, arms: list[Arm], seeds: int, baseline: str, budget: str, out: Path,
+                 sets: Optional[Sequence[str]] = None, tune: Sequence[tuple[str, list[str]]] = (),
+                 tune_steps: Optional[int] = None, val_rows: int = 100, local: bool = False, n_boot: int = 2000,
+                 verbose: bool = False, score=None):
+        self.cfg, self.arms, self.seeds, self.baseline, self.budget = cfg, arms, seeds, baseline, budget
+        self.out, self.sets, self.tune, self.tune_steps, self.val_rows = out, sets, list(tune), tune_steps, val_rows
+        self.local, self.n_boot, self.verbose, self.score = local, n_boot, verbose, score
+
+    def _folders(self) -> dict[str, Path]:
+        if not self.sets:
+            if not self.cfg.data.path:
+                raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task, or use --sets")
+            return {"": Path(self.cfg.data.path)}
+        if self.cfg.data.tasks:
+            raise ConfigError("--sets replaces data.path, but the config lists data.tasks: remove data.tasks "
+                              "(every task folder of each set is used)")
+        root = Path(self.cfg.data.path).expanduser().resolve().parent if self.cfg.data.path else None
+        return resolve_sets(list(self.sets), root, self.out / "data")
+
+    def run(self) -> dict:
+        """Every set's report, then (several sets) the pooled one. Returns ``{"sets": {name: summary},
+        "pooled": pooled summary or None}``."""
+        folders = self._folders()
+        summaries, cells = {}, {}
+        for k, (name, folder) in enumerate(folders.items()):
+            if len(folders) > 1:
+                print(f"[rlora] compare: data set {name} ({k + 1}/{len(folders)}): {folder}", flush=True)
+            summary, records = self._one_set(name, folder, k)
+            summaries[name or folder.name], cells[name or folder.name] = summary, records
+        pooled = self._pool(cells) if len(folders) > 1 else None
+        return {"sets": summaries, "pooled": pooled}
+
+    def _one_set(self, name: str, folder: Path, k: int) -> tuple[dict, list[dict]]:
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.data.path = str(folder)
+        out = self.out / name if name else self.out
+        overrides, tuning = None, None
+        if self.tune:
+            seed = cfg.trainer.seed
+            carved = carve_validation(folder, self.out / "data" / f"{name or folder.name}.val{self.val_rows}-s{seed}",
+                                      self.val_rows, seed)
+            cfg.data.path = str(carved)
+            score: Score = (self.score(name, cfg) if self.score else
+                            comparison_score(cfg, self.arms, self.baseline, self.budget, out / "tune", self.tune_steps,
+                                             self.local, self.verbose))
+            picks = tune_arms(self.arms, self.tune, score)
+            overrides = {(p["method"], p["sampler"]): p["overrides"] for p in picks}
+            tuning = {"keys": [k_ for k_, _ in self.tune], "seed": seed, "val_rows": self.val_rows,
+                      "steps": self.tune_steps or cfg.trainer.max_steps, "data": str(carved), "picks": picks}
+            for p in picks:
+                print(f"[rlora] compare: tuned {p['method']}/{p['sampler']}: {p['picked']} (validation "
+                      + ", ".join(f"{lb} {100 * v:.1f}" for lb, v in p["scores"].items()) + ")", flush=True)
+        comparison = Comparison(cfg, self.arms, self.seeds, self.baseline, self.budget, out, local=self.local,
+                                n_boot=self.n_boot, verbose=self.verbose, overrides=overrides,
+                                rng_seed=self.cfg.trainer.seed + k, tuning=tuning,
+                                name=name or None)
+        summary = comparison.run()
+        return summary, comparison.cell_records
+
+    def _pool(self, cells: dict[str, list[dict]]) -> dict:
+        from .pooled import pool_sets
+        from .report import pooled_forest_plot, pooled_markdown, to_json
+
+        samplers = list(dict.fromkeys(s for _, s in self.arms))
+        pooled = pool_sets(cells, self.baseline, "proportional" if "proportional" in samplers else samplers[0],
+                           n_boot=self.n_boot, seed=self.cfg.trainer.seed)
+        text = pooled_markdown(pooled)
+        (self.out / "pooled.md").write_text(text)
+        _write_json(self.out / "pooled.json", to_json(pooled))
+        files = ["pooled.md", "pooled.json"]
+        if pooled["comparisons"]:
+            pooled_forest_plot(pooled, self.out / "forest_pooled.png")
+            files.append("forest_pooled.png")
+        print(text, flush=True)
+        print(f"[rlora] compare: pooled report in {self.out} ({', '.join(files)})", flush=True)
+        return json.loads(json.dumps(to_json(pooled)))

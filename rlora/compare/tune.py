@@ -1,0 +1,119 @@
+"""Per-method tuning without peeking at the dev rows: ``rlora compare --tune KEY=V1,V2,...``.
+
+For one data set and each arm (method, sampler): every candidate setting (the values of one ``--tune``,
+or the product of several) trains one cell on the set's carved folder
+(:func:`~rlora.compare.datasets.carve_validation`: the training rows less ``val_rows`` per task), with the
+first seed (``trainer.seed``) and ``steps`` optimizer steps (default: the config's), and is scored on
+the carved **validation** rows (``eval.split = val``, every row). The score is the macro mean of the
+per-task validation accuracies; the pick is the candidate with the highest score, a tie going to the
+candidate listed first. The verdict's cells then train every seed with their arm's pick on the same
+carved training rows and are scored on the dev rows: no dev row, and no validation row, is seen by a
+run whose result decides anything else.
+
+The training-and-scoring step is a seam (``score`` of :func:`tune_arms`): the default trains real cells
+through :class:`~rlora.compare.runner.Comparison` (resumable, keyed like every cell); tests can pass any
+``score(overrides) -> {arm: score}``.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+from ..config import ConfigError, RunConfig, apply_overrides, validate_config
+
+# keys that define the grid or the verdict itself: not tunable
+FIXED = ("adapter.method", "sampler.strategy", "trainer.seed", "eval.split", "eval.max_examples_per_task", "data.path",
+         "data.tasks", "trainer.output_dir", "trainer.run_name")
+
+Arm = tuple[str, str]
+Score = Callable[[list[str]], Mapping[Arm, float]]
+
+
+def parse_tune(items: Sequence[str], cfg: RunConfig) -> list[tuple[str, list[str]]]:
+    """``["trainer.learning_rate=3e-4,1e-3"]`` -> ``[("trainer.learning_rate", ["3e-4", "1e-3"])]``, each value
+    checked against the config (one-line :class:`~rlora.config.ConfigError` naming the flag and the fix)."""
+    out: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not sep or not key or len(values) < 2:
+            raise ConfigError(f"--tune {item!r}: use KEY=V1,V2[,...] with a dotted config key and at least two values, "
+                              "e.g. --tune trainer.learning_rate=3e-4,1e-3,3e-3")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--tune {item!r} names a value twice")
+        if any(key == f or key.startswith(f + ".") for f in FIXED):
+            raise ConfigError(f"--tune {key}: {key} defines the comparison itself and cannot be tuned; tune another key")
+        if key in [k for k, _ in out]:
+            raise ConfigError(f"--tune {key} is given twice: list all its values in one --tune")
+        raw = cfg.model_dump(mode="json")
+        node = raw
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key.split(".")[-1] not in node:
+            raise ConfigError(f"--tune {key}: no such config key (use a dotted key such as trainer.learning_rate)")
+        for v in values:
+            validate_config(apply_overrides(raw, [f"{key}={v}"]), f"--tune {key}={v}")
+        out.append((key, values))
+    return out
+
+
+def candidates(spec: Sequence[tuple[str, Sequence[str]]]) -> list[list[str]]:
+    """The override lists of every candidate: the product of the values, first key outermost."""
+    keys = [k for k, _ in spec]
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*[vals for _, vals in spec])]
+
+
+def label(overrides: Sequence[str]) -> str:
+    return ",".join(overrides)
+
+
+def pick(scores: Mapping[str, float]) -> str:
+    """The label of the highest score; a tie goes to the label listed first."""
+    best = max(scores.values())
+    return next(k for k, v in scores.items() if v == best)
+
+
+def tune_arms(arms: Sequence[Arm], spec: Sequence[tuple[str, Sequence[str]]], score: Score) -> list[dict]:
+    """Score every candidate (``score(overrides) -> {arm: validation score}``) and pick per arm.
+
+    Returns one dict per arm: ``{"method", "sampler", "picked": label, "overrides": [..], "values": {key: value},
+    "scores": {label: score}}``."""
+    cands = candidates(spec)
+    scored = {label(c): score(c) for c in cands}
+    out = []
+    for arm in arms:
+        scores = {lb: float(s[arm]) for lb, s in scored.items()}
+        best = pick(scores)
+        chosen = next(c for c in cands if label(c) == best)
+        out.append({"method": arm[0], "sampler": arm[1], "picked": best, "overrides": chosen,
+                    "values": dict(o.split("=", 1) for o in chosen), "scores": scores})
+    return out
+
+
+def tuning_config(cfg: RunConfig, overrides: Sequence[str], steps: Optional[int]) -> RunConfig:
+    """``cfg`` scored on every validation row, ``steps`` steps if given, then the candidate's overrides."""
+    extra = ([f"trainer.max_steps={steps}"] if steps else []) + ["eval.split=val", "eval.max_examples_per_task=null"]
+    return validate_config(apply_overrides(cfg.model_dump(mode="json"), [*extra, *overrides]), "--tune")
+
+
+def folder_name(overrides: Sequence[str]) -> str:
+    """A file-system-safe folder name for a candidate."""
+    return re.sub(r"[^A-Za-z0-9._=+,-]", "_", label(overrides))[:120] or "default"
+
+
+def comparison_score(cfg: RunConfig, arms: Sequence[Arm], baseline: str, budget: str, out: Path, steps: Optional[int],
+                     local: bool, verbose: bool) -> Score:
+    """The default ``score``: one resumable cell per arm (first seed) under ``out/<candidate>``, scored as
+    the macro mean of its validation accuracies."""
+    from .runner import Comparison
+
+    def score(overrides: list[str]) -> dict[Arm, float]:
+        c = tuning_config(cfg, overrides, steps)
+        records = Comparison(c, list(arms), 1, baseline, budget, out / folder_name(overrides), local=local,
+                             name=f"tune-{folder_name(overrides)}", verbose=verbose).records()
+        return {(r["method"], r["sampler"]): sum(r["accuracy"].values()) / len(r["accuracy"]) for r in records}
+
+    return score

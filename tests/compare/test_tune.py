@@ -1,0 +1,65 @@
+"""Per-arm tuning (rlora/compare/tune.py): parsing --tune, the candidates, and the pick through the score seam."""
+import pytest
+
+from helpers import run_config
+from rlora.compare.tune import candidates, folder_name, parse_tune, pick, tune_arms, tuning_config
+from rlora.config import ConfigError
+
+ARMS = [("lora", "proportional"), ("mtl", "proportional")]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return run_config(tmp_path / "model", tmp_path / "data", tmp_path / "out")
+
+
+def test_parse_and_candidates(cfg):
+    spec = parse_tune(["trainer.learning_rate=3e-4, 1e-3,3e-3", "adapter.r=4,8"], cfg)
+    assert spec == [("trainer.learning_rate", ["3e-4", "1e-3", "3e-3"]), ("adapter.r", ["4", "8"])]
+    cands = candidates(spec)
+    assert len(cands) == 6 and cands[0] == ["trainer.learning_rate=3e-4", "adapter.r=4"]
+    assert cands[1] == ["trainer.learning_rate=3e-4", "adapter.r=8"] and cands[-1][0] == "trainer.learning_rate=3e-3"
+    assert folder_name(cands[0]) == "trainer.learning_rate=3e-4,adapter.r=4"
+
+
+@pytest.mark.parametrize("items, match", [
+    (["trainer.learning_rate=1e-3"], "at least two values"),
+    (["trainer.learning_rate"], "use KEY=V1,V2"),
+    (["trainer.learning_rate=1e-3,1e-3"], "names a value twice"),
+    (["adapter.method=lora,mtl"], "adapter.method defines the comparison itself and cannot be tuned"),
+    (["trainer.seed=1,2"], "trainer.seed defines the comparison itself"),
+    (["trainer.lr=1,2"], "--tune trainer.lr: no such config key"),
+    (["trainer.learning_rate=1e-3,2e-3", "trainer.learning_rate=3e-3,4e-3"], "is given twice"),
+    (["trainer.max_steps=10,0"], "--tune trainer.max_steps=0: .*trainer.max_steps must be >= 1, got 0"),
+])
+def test_bad_tune_specs_are_one_line_errors(cfg, items, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        parse_tune(items, cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_the_pick_is_the_best_validation_score_per_arm_and_a_tie_goes_to_the_first():
+    """A fake scorer through the seam: lora is best at 1e-3, mtl at 3e-3; a tie picks the first listed value."""
+    truth = {"trainer.learning_rate=3e-4": {ARMS[0]: 0.40, ARMS[1]: 0.41},
+             "trainer.learning_rate=1e-3": {ARMS[0]: 0.55, ARMS[1]: 0.50},
+             "trainer.learning_rate=3e-3": {ARMS[0]: 0.31, ARMS[1]: 0.58}}
+    seen = []
+
+    def score(overrides):
+        seen.append(overrides)
+        return truth[overrides[0]]
+
+    picks = tune_arms(ARMS, [("trainer.learning_rate", ["3e-4", "1e-3", "3e-3"])], score)
+    assert seen == [[k] for k in truth]                       # every candidate scored once, for all arms at once
+    assert [(p["method"], p["picked"]) for p in picks] == [("lora", "trainer.learning_rate=1e-3"),
+                                                           ("mtl", "trainer.learning_rate=3e-3")]
+    assert picks[0]["overrides"] == ["trainer.learning_rate=1e-3"] and picks[1]["values"] == {"trainer.learning_rate": "3e-3"}
+    assert picks[1]["scores"] == {k: v[ARMS[1]] for k, v in truth.items()}
+    assert pick({"x": 0.5, "y": 0.7, "z": 0.7}) == "y"
+
+
+def test_tuning_config_scores_every_validation_row_with_fewer_steps(cfg):
+    c = tuning_config(cfg, ["trainer.learning_rate=3e-3"], steps=2)
+    assert (c.eval.split, c.eval.max_examples_per_task, c.trainer.max_steps, c.trainer.learning_rate) == ("val", None, 2, 3e-3)
+    assert tuning_config(cfg, ["trainer.max_steps=5"], steps=2).trainer.max_steps == 5   # a tuned key wins
+    assert tuning_config(cfg, [], steps=None).trainer.max_steps == cfg.trainer.max_steps
