@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..config import RunConfig
+from ..config import SINGLE_HEAD_METHODS, RunConfig
 
 Budget = Literal["ab", "total"]
 
@@ -46,7 +46,7 @@ def parameter_counts(cfg: RunConfig) -> dict[str, int]:
 
 def lora_rank(cfg: RunConfig, methods: list[str], budget: Budget) -> int:
     """LoRA's rank for an equal ``budget`` against the multi-head ``methods`` at ``cfg.adapter``'s r, N."""
-    heads = [m for m in methods if m != "lora"]
+    heads = [m for m in methods if m not in SINGLE_HEAD_METHODS]
     if not heads:
         return cfg.adapter.r
     one = cfg.model_copy(deep=True)

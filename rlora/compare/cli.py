@@ -58,7 +58,8 @@ def _add_command(sub: argparse._SubParsersAction) -> None:
                                        "paired confidence intervals")
     c.add_argument("config", help="YAML run config (e.g. examples/configs/compare_cpu.yaml)")
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=100")
-    c.add_argument("--methods", default="lora,hydra,rlora,mtl", help="comma-separated (default all four)")
+    c.add_argument("--methods", default="lora,hydra,rlora,mtl",
+                   help="comma-separated of lora, hydra, rlora, mtl, align (default the first four)")
     c.add_argument("--samplers", default="proportional", help="comma-separated, e.g. proportional,dynamic")
     c.add_argument("--seeds", type=int, default=3, help="seeds per cell: trainer.seed, +1, ... (default 3)")
     c.add_argument("--baseline", default="lora", help="the method every other is compared with (default lora)")

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import RunConfig
+from ..config import SINGLE_HEAD_METHODS, RunConfig
 from .budget import Budget, lora_rank, parameter_counts
 
-METHODS = ("lora", "hydra", "rlora", "mtl")
+METHODS = ("lora", "hydra", "rlora", "mtl", "align")
 
 
 @dataclass
@@ -61,6 +61,8 @@ def content_digest(path: Optional[str]) -> Optional[str]:
 def cell_key(cfg: RunConfig) -> str:
     d = cfg.model_dump(mode="json")
     d.pop("mlflow")
+    if d["adapter"]["method"] != "align":  # only align reads it: the other methods' keys stay as they were
+        d["adapter"].pop("align_lambda", None)
     for section, keys in _NOT_IN_KEY.items():
         for k in keys:
             d[section].pop(k, None)
@@ -97,7 +99,7 @@ def plan(cfg: RunConfig, arms: list[tuple[str, str]], seeds: int, budget: Budget
             rank = ranks[tuple(own or ())]
             c = acfg.model_copy(deep=True)
             c.adapter.method = method
-            if method == "lora" and rank != acfg.adapter.r:
+            if method in SINGLE_HEAD_METHODS and rank != acfg.adapter.r:  # align: LoRA plus a loss
                 ratio = rank / acfg.adapter.r
                 c.adapter.alpha = acfg.adapter.alpha * (ratio ** 0.5 if acfg.adapter.rslora else ratio)
                 c.adapter.r = rank
