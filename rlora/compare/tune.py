@@ -94,8 +94,10 @@ def tune_arms(arms: Sequence[Arm], spec: Sequence[tuple[str, Sequence[str]]], sc
 
 
 def tuning_config(cfg: RunConfig, overrides: Sequence[str], steps: Optional[int]) -> RunConfig:
-    """``cfg`` scored on every validation row, ``steps`` steps if given, then the candidate's overrides."""
-    extra = ([f"trainer.max_steps={steps}"] if steps else []) + ["eval.split=val", "eval.max_examples_per_task=null"]
+    """``cfg`` scored on every validation row, ``steps`` steps if given, no diagnostics probes (a tuning cell
+    is only scored), then the candidate's overrides."""
+    extra = ([f"trainer.max_steps={steps}"] if steps else []) + ["eval.split=val", "eval.max_examples_per_task=null",
+                                                                 "diagnostics.enabled=false"]
     return validate_config(apply_overrides(cfg.model_dump(mode="json"), [*extra, *overrides]), "--tune")
 
 

@@ -61,5 +61,6 @@ def test_the_pick_is_the_best_validation_score_per_arm_and_a_tie_goes_to_the_fir
 def test_tuning_config_scores_every_validation_row_with_fewer_steps(cfg):
     c = tuning_config(cfg, ["trainer.learning_rate=3e-3"], steps=2)
     assert (c.eval.split, c.eval.max_examples_per_task, c.trainer.max_steps, c.trainer.learning_rate) == ("val", None, 2, 3e-3)
+    assert cfg.diagnostics.enabled and not c.diagnostics.enabled
     assert tuning_config(cfg, ["trainer.max_steps=5"], steps=2).trainer.max_steps == 5   # a tuned key wins
     assert tuning_config(cfg, [], steps=None).trainer.max_steps == cfg.trainer.max_steps
