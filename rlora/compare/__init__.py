@@ -3,10 +3,12 @@
 ``cells`` (one trained and evaluated model each, see :mod:`rlora.compare.cells`) go into
 :func:`summarize`; its summary feeds :func:`markdown_table`, :func:`forest_plot` and :func:`to_json`.
 Differences between arms are paired (same seeds, same dev rows) with intervals from a hierarchical
-bootstrap (:mod:`rlora.compare.bootstrap`).
+bootstrap (:mod:`rlora.compare.bootstrap`); over several data sets, :func:`pool_sets` pools them
+(:mod:`rlora.compare.pooled`) for :func:`pooled_markdown` and :func:`pooled_forest_plot`.
 """
 from .cells import CompareError, check_cells, group_arms
-from .report import forest_plot, markdown_table, to_json
+from .pooled import pool_sets, pooled_difference
+from .report import forest_plot, markdown_table, pooled_forest_plot, pooled_markdown, to_json
 from .stats import VERDICTS, arm_summary, paired_difference, paired_differences, seeds_needed, verdict
 from .summary import summarize
 
@@ -20,6 +22,10 @@ __all__ = [
     "markdown_table",
     "paired_difference",
     "paired_differences",
+    "pool_sets",
+    "pooled_difference",
+    "pooled_forest_plot",
+    "pooled_markdown",
     "seeds_needed",
     "summarize",
     "to_json",
