@@ -22,7 +22,8 @@ sets' streams are independent (numpy's SeedSequence), as their models are.
 **Why this and not a random-effects combination.** The sets are strata, not a sample: a verdict names
 the sets it holds on, and the interval covers the seed and dev-row noise of each set, exactly as the
 one-set intervals do (simulated, tests/compare/test_pooled.py: 3 sets x 3 seeds, 96.5 % coverage of the known
-pooled difference with seed effects, 98.3 % without, at 1.14 x and 1.31 x the exact width). A random-effects model (DerSimonian-Laird) targets the mean over a population of sets and
+pooled difference with seed effects, 98.3 % without, at 1.14 x and 1.31 x the exact width). A random-effects
+model (DerSimonian-Laird) targets the mean over a population of sets and
 needs the between-set variance ``tau^2``; with ``K = 3`` sets it has 2 degrees of freedom, so its estimate
 is often exactly 0 when the sets truly differ (the interval is then the fixed-effect one) and
 Hartung-Knapp intervals use ``t_2 = 4.30``: neither says anything reliable about unseen sets. Instead,
@@ -34,7 +35,7 @@ pooled verdict is marked ``sets disagree`` when one set's interval lies above 0 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 
@@ -187,10 +188,12 @@ def pool_sets(cells_by_set: Mapping[str, Sequence[Mapping]], baseline_method: st
                  for name, arms in arms_by_set.items() if arm in arms}
         w = set_weights({k: len(arms_by_set[k][arm][0]["correct"]) for k in means},
                         weights if isinstance(weights, str) else {k: weights[k] for k in means})
-        arms.append({"method": arm[0], "sampler": arm[1], "sets": means, "mean": sum(w[k] * v for k, v in means.items())})
+        arms.append({"method": arm[0], "sampler": arm[1], "sets": means,
+                     "mean": sum(w[k] * v for k, v in means.items())})
     return {"sets": list(cells_by_set), "methods": methods, "samplers": samplers,
             "baseline": {"method": baseline_method, "sampler": baseline_sampler},
             "weighting": weights if isinstance(weights, str) else "explicit",
-            "weights": set_weights({k: len(next(iter(a.values()))[0]["correct"]) for k, a in arms_by_set.items()}, weights),
+            "weights": set_weights({k: len(next(iter(a.values()))[0]["correct"]) for k, a in arms_by_set.items()},
+                                   weights),
             "n_boot": int(n_boot), "level": float(level), "rng_seed": int(seed), "arms": arms,
             "comparisons": comparisons, "notes": notes}

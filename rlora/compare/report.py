@@ -112,7 +112,8 @@ def _footnotes(summary: Mapping) -> list[str]:
 def _budget_lines(budget: Mapping) -> list[str]:
     ranks = ", ".join(f"{arm} {r}" for arm, r in budget["ranks"].items())
     lora = budget.get("lora_rank")
-    return [f"**Budget** `{budget['mode']}`: " + (f"LoRA rank {lora}; " if lora is not None else "") + f"ranks {ranks}."]
+    lead = f"**Budget** `{budget['mode']}`: " + (f"LoRA rank {lora}; " if lora is not None else "")
+    return [lead + f"ranks {ranks}."]
 
 
 def _tuning_table(tuning: Mapping) -> list[str]:

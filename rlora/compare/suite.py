@@ -40,7 +40,8 @@ class Suite:
     def _folders(self) -> dict[str, Path]:
         if not self.sets:
             if not self.cfg.data.path:
-                raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task, or use --sets")
+                raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task, "
+                                  "or use --sets")
             return {"": Path(self.cfg.data.path)}
         if self.cfg.data.tasks:
             raise ConfigError("--sets replaces data.path, but the config lists data.tasks: remove data.tasks "

@@ -45,7 +45,8 @@ def parse_tune(items: Sequence[str], cfg: RunConfig) -> list[tuple[str, list[str
         if len(set(values)) != len(values):
             raise ConfigError(f"--tune {item!r} names a value twice")
         if any(key == f or key.startswith(f + ".") for f in FIXED):
-            raise ConfigError(f"--tune {key}: {key} defines the comparison itself and cannot be tuned; tune another key")
+            raise ConfigError(f"--tune {key}: {key} defines the comparison itself and cannot be tuned; "
+                              "tune another key")
         if key in [k for k, _ in out]:
             raise ConfigError(f"--tune {key} is given twice: list all its values in one --tune")
         raw = cfg.model_dump(mode="json")

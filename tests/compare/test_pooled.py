@@ -48,7 +48,8 @@ def test_exact_small_case_with_each_weighting():
 
 def test_each_set_line_is_that_set_s_own_paired_bootstrap_with_seed_plus_k():
     sets = {f"s{k}": grid({"lora": 0.5, "mtl": 0.52 + 0.02 * k}, samplers=("p",), seed=10 + k) for k in range(3)}
-    split = {k: ([c for c in v if c["method"] == "mtl"], [c for c in v if c["method"] == "lora"]) for k, v in sets.items()}
+    split = {k: ([c for c in v if c["method"] == "mtl"], [c for c in v if c["method"] == "lora"])
+             for k, v in sets.items()}
     r = pooled_difference(split, n_boot=300, seed=7)
     reps = []
     for k, (name, (a, b)) in enumerate(split.items()):
