@@ -37,6 +37,10 @@ seen before by this layer on this rank, kept detached (no gradient flows into th
 The remembered fits live on the layer (``align_memory``), are updated after every micro-batch with the
 fits of the tasks present, and are not part of the adapter or of a checkpoint (a resumed run rebuilds
 them from its next micro-batches). Before any other task was seen, the term is 0 (never NaN).
+
+The term is added by rlora's training loop (:func:`rlora.train.batches.forward_loss`, every path: Ray or
+local, ZeRO 0-3, gradient checkpointing, bf16 autocast). A Hugging Face ``Trainer`` driving
+``rlora.get_adapter_model`` computes its own loss and so trains ``align`` as plain LoRA.
 """
 from __future__ import annotations
 
