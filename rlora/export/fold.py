@@ -34,6 +34,8 @@ from ..inject import adapter_layers, merge, unmerge
 from ..layers import HydraLoRALinear, LoRALinear, MTLLoRALinear, MultiHeadLoRALinear, RLoRALinear
 from .errors import ExportError
 
+# Functions that must not record autograd graphs open ``torch.no_grad()`` as a block rather than as a decorator:
+# ``make mutate`` (mutmut) leaves decorated functions unmutated, and these are the fold's core.
 EXACT_METHODS = ("lora", "mtl", "align")
 ROUTED_METHODS = ("hydra", "rlora")
 
@@ -77,31 +79,32 @@ def task_index(cfg: AdapterConfig, task: Optional[str]) -> Optional[int]:
 # ----------------------------------------------------------------------------------------------
 # folding
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
 def fold_layer(layer: MultiHeadLoRALinear, task: Optional[int] = None,
                gates: Optional[torch.Tensor] = None) -> LowRank:
     """The plain low-rank form of one layer for ``task`` (mtl) or with average ``gates`` [N] (hydra, rlora)."""
-    A = layer.lora_A.detach().float()
-    B = layer.lora_B.detach().float()                                     # [d_out, N, r]
-    if isinstance(layer, MTLLoRALinear):
-        if task is None:
-            raise ExportError("folding an MTL-LoRA layer needs a task: pass --task")
-        m = layer.mixing()[task].float()                                  # [n]
-        return LowRank(layer.lambdas()[task].float() @ A, torch.einsum("n,onr->or", m, B), layer.scaling)
-    if isinstance(layer, HydraLoRALinear):
-        if gates is None:
-            raise ExportError(f"folding a {layer.method} layer needs its average gates: pass --data with the task's dev rows")
-        g = gates.float().to(B.device)
-        if g.shape != (layer.num_heads,):
-            raise ExportError(f"average gates have shape {tuple(g.shape)}, expected ({layer.num_heads},)")
-        A2, B2 = A, torch.einsum("n,onr->or", g, B)
-        if isinstance(layer, RLoRALinear) and layer.use_offset:
-            A2 = torch.cat([A2, layer.offset_A.detach().float()], dim=0)
-            B2 = torch.cat([B2, -layer.offset_B.detach().float()], dim=1)
-        return LowRank(A2, B2, layer.scaling)
-    if isinstance(layer, LoRALinear):
-        return LowRank(A, B[:, 0], layer.scaling)
-    raise ExportError(f"cannot fold a {type(layer).__name__} layer")
+    with torch.no_grad():
+        A = layer.lora_A.detach().float()
+        B = layer.lora_B.detach().float()                                 # [d_out, N, r]
+        if isinstance(layer, MTLLoRALinear):
+            if task is None:
+                raise ExportError("folding an MTL-LoRA layer needs a task: pass --task")
+            m = layer.mixing()[task].float()                              # [n]
+            return LowRank(layer.lambdas()[task].float() @ A, torch.einsum("n,onr->or", m, B), layer.scaling)
+        if isinstance(layer, HydraLoRALinear):
+            if gates is None:
+                raise ExportError(f"folding a {layer.method} layer needs its average gates: pass --data with the task's "
+                                  "dev rows")
+            g = gates.float().to(B.device)
+            if g.shape != (layer.num_heads,):
+                raise ExportError(f"average gates have shape {tuple(g.shape)}, expected ({layer.num_heads},)")
+            A2, B2 = A, torch.einsum("n,onr->or", g, B)
+            if isinstance(layer, RLoRALinear) and layer.use_offset:
+                A2 = torch.cat([A2, layer.offset_A.detach().float()], dim=0)
+                B2 = torch.cat([B2, -layer.offset_B.detach().float()], dim=1)
+            return LowRank(A2, B2, layer.scaling)
+        if isinstance(layer, LoRALinear):
+            return LowRank(A, B[:, 0], layer.scaling)
+        raise ExportError(f"cannot fold a {type(layer).__name__} layer")
 
 
 def fold_adapter(model: nn.Module, task: Optional[int] = None,
@@ -113,7 +116,6 @@ def fold_adapter(model: nn.Module, task: Optional[int] = None,
     return out
 
 
-@torch.no_grad()
 def compact(f: LowRank, rtol: float = 1e-7) -> LowRank:
     """The same update ``ΔW = s·B A`` (A [k, d_in], B [d_out, k]) in balanced factors of its numerical rank.
 
@@ -122,16 +124,17 @@ def compact(f: LowRank, rtol: float = 1e-7) -> LowRank:
     keeping the k' ≤ k singular values above ``rtol·σ_max`` (the dropped ones change ΔW by at most
     ``√(k−k')·rtol·‖ΔW‖₂``). Both factors then carry ‖ΔW‖'s own magnitude, whatever cancelled inside B A.
     """
-    A, B = f.A.double(), f.B.double()
-    Qb, Rb = torch.linalg.qr(B)                                           # [d_out, k], [k, k]
-    Qa, Ra = torch.linalg.qr(A.t())                                       # [d_in, k], [k, k]
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.t())
-    keep = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
-    keep = max(keep, 1)
-    root = S[:keep].sqrt()
-    B2 = (Qb @ U[:, :keep]) * root                                        # [d_out, k']
-    A2 = root[:, None] * (Vh[:keep] @ Qa.t())                             # [k', d_in]
-    return LowRank(A2.to(f.A.dtype), B2.to(f.B.dtype), f.scaling)
+    with torch.no_grad():
+        A, B = f.A.double(), f.B.double()
+        Qb, Rb = torch.linalg.qr(B)                                       # [d_out, k], [k, k]
+        Qa, Ra = torch.linalg.qr(A.t())                                   # [d_in, k], [k, k]
+        U, S, Vh = torch.linalg.svd(Rb @ Ra.t())
+        keep = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+        keep = max(keep, 1)
+        root = S[:keep].sqrt()
+        B2 = (Qb @ U[:, :keep]) * root                                    # [d_out, k']
+        A2 = root[:, None] * (Vh[:keep] @ Qa.t())                         # [k', d_in]
+        return LowRank(A2.to(f.A.dtype), B2.to(f.B.dtype), f.scaling)
 
 
 def pad_rank(f: LowRank, rank: int) -> LowRank:
@@ -150,39 +153,40 @@ def compact_all(folds: dict[str, LowRank], rtol: float = 1e-7) -> dict[str, LowR
     return {n: pad_rank(f, rank) for n, f in small.items()}
 
 
-@torch.no_grad()
 def folded_weights(model: nn.Module, method: str, task: Optional[int],
                    folds: dict[str, LowRank]) -> dict[str, torch.Tensor]:
     """``module name -> W0 + ΔW`` for every adapter layer: exact (``rlora.merge``) for lora/mtl, the
     average-gate fold for hydra/rlora."""
-    weights: dict[str, torch.Tensor] = {}
-    if method in EXACT_METHODS:
-        merge(model, task)
-        try:
-            for name, layer in adapter_layers(model):
-                weights[name] = layer.base.weight.detach().clone()
-        finally:
-            unmerge(model)
+    with torch.no_grad():
+        weights: dict[str, torch.Tensor] = {}
+        if method in EXACT_METHODS:
+            merge(model, task)
+            try:
+                for name, layer in adapter_layers(model):
+                    weights[name] = layer.base.weight.detach().clone()
+            finally:
+                unmerge(model)
+            return weights
+        for name, layer in adapter_layers(model):
+            w = layer.base.weight.detach()
+            weights[name] = (w.float() + folds[name].delta().to(w.device)).to(w.dtype)
         return weights
-    for name, layer in adapter_layers(model):
-        w = layer.base.weight.detach()
-        weights[name] = (w.float() + folds[name].delta().to(w.device)).to(w.dtype)
-    return weights
 
 
-@torch.no_grad()
 def apply_weights(plain: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """Copy folded weights into a plain (adapter-free) copy of the base model."""
-    for name, w in weights.items():
-        try:
-            lin = plain.get_submodule(name)
-        except AttributeError:
-            raise ExportError(f"the base model has no module {name}: pass the --base-model the adapter was trained on") from None
-        if not isinstance(lin, nn.Linear) or lin.weight.shape != w.shape:
-            raise ExportError(f"module {name} of the base model does not fit the adapter: pass the --base-model "
-                              "the adapter was trained on")
-        lin.weight.copy_(w.to(lin.weight.dtype))
-    return plain
+    with torch.no_grad():
+        for name, w in weights.items():
+            try:
+                lin = plain.get_submodule(name)
+            except AttributeError:
+                raise ExportError(f"the base model has no module {name}: pass the --base-model the adapter was "
+                                  "trained on") from None
+            if not isinstance(lin, nn.Linear) or lin.weight.shape != w.shape:
+                raise ExportError(f"module {name} of the base model does not fit the adapter: pass the --base-model "
+                                  "the adapter was trained on")
+            lin.weight.copy_(w.to(lin.weight.dtype))
+        return plain
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,51 +269,51 @@ class Reference:
     hidden: Optional[list[torch.Tensor]]
 
 
-@torch.no_grad()
 def reference_pass(model: nn.Module, batches: Sequence[TokenBatch], task: Optional[int] = None) -> Reference:
     """One forward of the adapter model over ``batches``: per routed layer the router softmax averaged over
     every real token, ``ḡ = (1/T) Σ_tokens softmax(W_r x)`` [N], and the hidden states that give its logits
     back through the output layer (so the error measurement needs no second adapter forward)."""
-    layers = [(n, l) for n, l in adapter_layers(model) if isinstance(l, HydraLoRALinear)]
-    sums = {n: torch.zeros(l.num_heads, dtype=torch.float64) for n, l in layers}
-    state: dict[str, torch.Tensor] = {}
-    hidden: list[torch.Tensor] = []
-    handles = []
+    with torch.no_grad():
+        layers = [(n, l) for n, l in adapter_layers(model) if isinstance(l, HydraLoRALinear)]
+        sums = {n: torch.zeros(l.num_heads, dtype=torch.float64) for n, l in layers}
+        state: dict[str, torch.Tensor] = {}
+        hidden: list[torch.Tensor] = []
+        handles = []
 
-    def hook_for(name: str):
-        def hook(mod, args):
-            x = args[0]
-            g = mod.gates(x.reshape(-1, mod.d_in))                             # [b*L, N] fp32
-            w = state["mask"].reshape(-1, 1).to(g.dtype)
-            sums[name] += (g * w).sum(0).double().cpu()
-        return hook
+        def hook_for(name: str):
+            def hook(mod, args):
+                x = args[0]
+                g = mod.gates(x.reshape(-1, mod.d_in))                         # [b*L, N] fp32
+                w = state["mask"].reshape(-1, 1).to(g.dtype)
+                sums[name] += (g * w).sum(0).double().cpu()
+            return hook
 
-    def keep_hidden(mod, args):
-        hidden.append(args[0][state["mask"].bool()].float().cpu())
+        def keep_hidden(mod, args):
+            hidden.append(args[0][state["mask"].bool()].float().cpu())
 
-    for n, l in layers:
-        handles.append(l.register_forward_pre_hook(hook_for(n)))
-    head = _logit_head(model)
-    if head is not None:
-        handles.append(head.register_forward_pre_hook(keep_hidden))
-    was_training = model.training
-    model.eval()
-    tokens = 0
-    try:
-        dev = _device(model)
-        for b in batches:
-            state["mask"] = b.attention_mask.to(dev)
-            with _routing(task, b.input_ids.shape[0]):
-                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False)
-            tokens += int(b.attention_mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if tokens == 0:
-        raise ExportError("the dev rows hold no tokens: cannot measure the average gates")
-    gates = {n: (s / tokens).float() for n, s in sums.items()}
-    return Reference(gates, tokens, hidden if head is not None and len(hidden) == len(batches) else None)
+        for n, l in layers:
+            handles.append(l.register_forward_pre_hook(hook_for(n)))
+        head = _logit_head(model)
+        if head is not None:
+            handles.append(head.register_forward_pre_hook(keep_hidden))
+        was_training = model.training
+        model.eval()
+        tokens = 0
+        try:
+            dev = _device(model)
+            for b in batches:
+                state["mask"] = b.attention_mask.to(dev)
+                with _routing(task, b.input_ids.shape[0]):
+                    model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False)
+                tokens += int(b.attention_mask.sum())
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        if tokens == 0:
+            raise ExportError("the dev rows hold no tokens: cannot measure the average gates")
+        gates = {n: (s / tokens).float() for n, s in sums.items()}
+        return Reference(gates, tokens, hidden if head is not None and len(hidden) == len(batches) else None)
 
 
 def average_gates(model: nn.Module, batches: Sequence[TokenBatch]) -> tuple[dict[str, torch.Tensor], int]:
@@ -319,42 +323,42 @@ def average_gates(model: nn.Module, batches: Sequence[TokenBatch]) -> tuple[dict
     return ref.gates, ref.tokens
 
 
-@torch.no_grad()
 def relative_errors(adapter_model: nn.Module, candidates: dict[str, nn.Module], batches: Sequence[TokenBatch],
                     task: Optional[int] = None, reference: Optional[Reference] = None) -> dict[str, float]:
     """``name -> ‖logits_candidate − logits_adapter‖_F / ‖logits_adapter‖_F`` over the real tokens of
     ``batches`` (sums of squares in fp64). The adapter's logits come from ``reference.hidden`` through the
     output layer when a :func:`reference_pass` kept them, else from one adapter forward per batch."""
-    num = {k: 0.0 for k in candidates}
-    den = 0.0
-    dev_a = _device(adapter_model)
-    head = _logit_head(adapter_model) if reference is not None and reference.hidden is not None else None
-    for i, b in enumerate(batches):
-        m = b.attention_mask.bool()
-        if head is not None:
-            la = head(reference.hidden[i].to(dev_a, head.weight.dtype)).float().cpu()
-        else:
-            with _routing(task, b.input_ids.shape[0]):
-                la = adapter_model(input_ids=b.input_ids.to(dev_a), attention_mask=b.attention_mask.to(dev_a),
-                                   use_cache=False).logits[m.to(dev_a)].float().cpu()
-        den += float(torch.linalg.vector_norm(la, dtype=torch.float64) ** 2)
-        for k, cand in candidates.items():
-            dev = _device(cand)
-            with _routing(task, b.input_ids.shape[0]):                   # for a candidate that is an adapter model
-                lp = cand(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
-                          use_cache=False).logits[m.to(dev)].float().cpu()
-            num[k] += float(torch.linalg.vector_norm(lp - la, dtype=torch.float64) ** 2)
-            del lp
-    if den == 0.0:
-        raise ExportError("the dev rows hold no tokens: cannot measure the logit error")
-    return {k: math.sqrt(v / den) for k, v in num.items()}
+    with torch.no_grad():
+        num = {k: 0.0 for k in candidates}
+        den = 0.0
+        dev_a = _device(adapter_model)
+        head = _logit_head(adapter_model) if reference is not None and reference.hidden is not None else None
+        for i, b in enumerate(batches):
+            m = b.attention_mask.bool()
+            if head is not None:
+                la = head(reference.hidden[i].to(dev_a, head.weight.dtype)).float().cpu()
+            else:
+                with _routing(task, b.input_ids.shape[0]):
+                    la = adapter_model(input_ids=b.input_ids.to(dev_a), attention_mask=b.attention_mask.to(dev_a),
+                                       use_cache=False).logits[m.to(dev_a)].float().cpu()
+            den += float(torch.linalg.vector_norm(la, dtype=torch.float64) ** 2)
+            for k, cand in candidates.items():
+                dev = _device(cand)
+                with _routing(task, b.input_ids.shape[0]):               # for a candidate that is an adapter model
+                    lp = cand(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+                              use_cache=False).logits[m.to(dev)].float().cpu()
+                num[k] += float(torch.linalg.vector_norm(lp - la, dtype=torch.float64) ** 2)
+                del lp
+        if den == 0.0:
+            raise ExportError("the dev rows hold no tokens: cannot measure the logit error")
+        return {k: math.sqrt(v / den) for k, v in num.items()}
 
 
-@torch.no_grad()
 def relative_logit_error(adapter_model: nn.Module, plain_model: nn.Module, batches: Sequence[TokenBatch],
                          task: Optional[int] = None) -> float:
     """``‖logits_plain − logits_adapter‖_F / ‖logits_adapter‖_F`` over the real tokens of ``batches``."""
-    return relative_errors(adapter_model, {"plain": plain_model}, batches, task)["plain"]
+    with torch.no_grad():
+        return relative_errors(adapter_model, {"plain": plain_model}, batches, task)["plain"]
 
 
 class ServedLoRALinear(nn.Module):
@@ -373,19 +377,20 @@ class ServedLoRALinear(nn.Module):
         return self.base(x) + (x @ self.A.t()) @ self.B.t()
 
 
-@torch.no_grad()
 def served_model(base: nn.Module, folds: dict[str, LowRank], dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """``base`` (a plain copy of the base model, cast here to ``dtype``) with every folded layer served as
     an unmerged LoRA in ``dtype``: what an engine computes from the exported PEFT adapter."""
-    base = base.to(dtype).eval()
-    for name, f in folds.items():
-        try:
-            lin = base.get_submodule(name)
-        except AttributeError:
-            raise ExportError(f"the base model has no module {name}: pass the --base-model the adapter was trained on") from None
-        parent_name, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, ServedLoRALinear(lin, f, dtype))
-    return base
+    with torch.no_grad():
+        base = base.to(dtype).eval()
+        for name, f in folds.items():
+            try:
+                lin = base.get_submodule(name)
+            except AttributeError:
+                raise ExportError(f"the base model has no module {name}: pass the --base-model the adapter was "
+                                  "trained on") from None
+            parent_name, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent_name) if parent_name else base, child, ServedLoRALinear(lin, f, dtype))
+        return base
 
 
 def iter_layer_gates(gates: dict[str, torch.Tensor]) -> Iterator[tuple[str, list[float]]]:
