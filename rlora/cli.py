@@ -98,7 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          templates=st["templates"])
     from .train.launcher import results_table
 
-    print(results_table({"results_after": res}))
+    print(results_table({"results_after": res}, whole=True))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -357,6 +357,16 @@ class DiagnosticsConfig(_Section):
     enabled: bool = True
     every_n_steps: int = 50
     probe_batch_size: int = 2
+    max_time_fraction: Optional[float] = Field(0.10, description="diagnostics time / training time the passes "
+                                               "may take; a pass probes as many tasks as that allows "
+                                               "(at least 8); null: every task every pass")
+
+    @field_validator("max_time_fraction")
+    @classmethod
+    def _fraction(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError(f"diagnostics.max_time_fraction must be in (0, 1] or null, got {v}")
+        return v
 
     @field_validator("every_n_steps", "probe_batch_size")
     @classmethod

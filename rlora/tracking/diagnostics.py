@@ -54,6 +54,8 @@ class Diagnostics:
     mtl: Optional[dict] = None
     interference: Optional[np.ndarray] = None
     seconds: float = 0.0
+    probe_seconds: float = 0.0                                                  # the probe's part of ``seconds``
+    probed: list[str] = field(default_factory=list)                             # the tasks of the probe
 
     @property
     def conflict(self) -> Optional[np.ndarray]:
@@ -76,7 +78,9 @@ def run_diagnostics(model: nn.Module, probe: Optional[Mapping[str, Mapping]], ta
     matrices ``B``, ``BA``, ``effective``, ``learned``.
 
     Cost: the parameter part is negligible (SmolLM2-135M, 210 layers: ~0.05 s CPU); the probe part is
-    one forward + backward of the probe rows, e.g. 6 tasks x 2 rows ≈ 3 training steps of 4 rows."""
+    one forward + backward of the probe rows, e.g. 6 tasks x 2 rows ≈ 3 training steps of 4 rows. With
+    many tasks pass a probe of a subset (:class:`rlora.tracking.probe_budget.ProbePlan`, as the training
+    loop does): the matrix then has NaN outside the probed tasks."""
     start = time.perf_counter()
     task_names = list(task_names)
     if probe:
@@ -96,10 +100,13 @@ def run_diagnostics(model: nn.Module, probe: Optional[Mapping[str, Mapping]], ta
     d.mtl = mtl_mixing(model)
     if probe:
         routed = has_router(model)
+        t0 = time.perf_counter()
+        d.probed = [t for t in task_names if t in probe]
         if interference and shared_adapter_params(model):
             d.interference, d.router = gradient_pass(model, probe, len(task_names), record_gates=routed)
         elif routed:
             d.router = router_usage(model, probe)
+        d.probe_seconds = time.perf_counter() - t0
     d.seconds = time.perf_counter() - start
     return d
 

@@ -18,6 +18,8 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .metric_names import top_pairs
+
 PathLike = Union[str, Path]
 COS_CMAP = "RdBu_r"
 PROB_CMAP = "viridis"
@@ -51,6 +53,34 @@ def _check_tasks(m: np.ndarray, task_names: Sequence[str], name: str) -> list[st
     if m.shape[0] != len(names):
         raise PlotError(f"{name} has {m.shape[0]} rows but {len(names)} task names were given: pass one name per row")
     return names
+
+
+MAX_INCHES = 16.0      # figures stay this size at any task count
+MAX_TICK_LABELS = 40   # more tasks than this: no per-task tick labels (unreadable), the data files name them
+
+
+def _task_ticks(ax, names: Sequence[str], axis: str) -> None:
+    """One tick label per task up to :data:`MAX_TICK_LABELS` tasks; beyond, index ticks only."""
+    n = len(names)
+    if n > MAX_TICK_LABELS:
+        (ax.set_xlabel if axis == "x" else ax.set_ylabel)(f"task index (0..{n - 1}; names in the .csv beside)")
+        return
+    if axis == "x":
+        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
+    else:
+        ax.set_yticks(range(n), names, fontsize=8)
+
+
+def write_csv(path: PathLike, header: Sequence[str], rows) -> Path:
+    """A small CSV file (values as written; task names quoted by the csv module where needed)."""
+    import csv
+
+    path = Path(path)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(header))
+        w.writerows(rows)
+    return path
 
 
 def _annotate(ax, m: np.ndarray, fmt: str, dark_if) -> None:
@@ -188,12 +218,12 @@ def plot_interference(matrix: np.ndarray, task_names: Sequence[str], path: PathL
     if m.shape[0] != m.shape[1]:
         raise PlotError(f"matrix must be square (T x T), got shape {m.shape}")
     T = len(names)
-    fig = Figure(figsize=(max(4.5, 0.6 * T + 2.5), max(3.8, 0.55 * T + 1.8)))
+    fig = Figure(figsize=(min(MAX_INCHES, max(4.5, 0.6 * T + 2.5)), min(MAX_INCHES, max(3.8, 0.55 * T + 1.8))))
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap=_cmap(COS_CMAP), norm=Normalize(-1.0, 1.0), interpolation="nearest")
     _annotate(ax, m, ".2f", lambda v: abs(v) > 0.6)
-    ax.set_xticks(range(T), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(T), names, fontsize=8)
+    _task_ticks(ax, names, "x")
+    _task_ticks(ax, names, "y")
     off = m[~np.eye(T, dtype=bool)]
     off = off[np.isfinite(off)]
     mean = f"{off.mean():+.3f}" if off.size else "n/a"
@@ -202,6 +232,9 @@ def plot_interference(matrix: np.ndarray, task_names: Sequence[str], path: PathL
                  + ("\n(grey: task not in the probe)" if np.isnan(m).any() else ""), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine of task gradients")
     return _save(fig, path)
+
+
+MANY_LINES = 10  # more tasks than this: the task-weights plot draws a band and the 5 highest + 5 lowest
 
 
 def plot_task_weights(history: Sequence[Mapping], task_names: Sequence[str], path: PathLike) -> Path:
@@ -220,8 +253,15 @@ def plot_task_weights(history: Sequence[Mapping], task_names: Sequence[str], pat
     fig = Figure(figsize=(8, 4.2))
     ax = fig.add_subplot()
     marker = "o" if len(steps) <= 40 else None
-    for k, name in enumerate(names):
-        ax.plot(steps, probs[:, k], marker=marker, markersize=3, linewidth=1.5, label=name,
+    shown = range(len(names))
+    if len(names) > MANY_LINES:  # a band for all tasks; lines for the highest and lowest at the last step
+        ax.fill_between(steps, probs.min(axis=1), probs.max(axis=1), step="post", color="0.85",
+                        label=f"all {len(names)} tasks (min..max)")
+        ax.plot(steps, np.median(probs, axis=1), color="0.4", linewidth=1, drawstyle="steps-post", label="median")
+        last = np.argsort(-probs[-1], kind="stable")
+        shown = list(last[:MANY_LINES // 2]) + list(last[-(MANY_LINES // 2):])
+    for k in shown:
+        ax.plot(steps, probs[:, k], marker=marker, markersize=3, linewidth=1.5, label=names[k],
                 drawstyle="steps-post")
     ax.axhline(1.0 / len(names), color="black", linestyle="--", linewidth=1, label="uniform 1/T")
     ax.set_xlabel("training step")
@@ -236,12 +276,12 @@ def plot_task_weights(history: Sequence[Mapping], task_names: Sequence[str], pat
 def _prob_heatmap(m: np.ndarray, row_labels: list[str], path: PathLike, title: str, xlabel: str,
                   cbar: str) -> Path:
     T, N = m.shape
-    fig = Figure(figsize=(max(4.5, 0.7 * N + 3.0), max(3.0, 0.45 * T + 1.8)))
+    fig = Figure(figsize=(max(4.5, 0.7 * N + 3.0), min(MAX_INCHES, max(3.0, 0.45 * T + 1.8))))
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap=PROB_CMAP, norm=Normalize(0.0, 1.0), interpolation="nearest", aspect="auto")
     _annotate(ax, m, ".2f", lambda v: v < 0.5)
     ax.set_xticks(range(N), [f"head {i}" for i in range(N)], fontsize=8)
-    ax.set_yticks(range(T), row_labels, fontsize=8)
+    _task_ticks(ax, row_labels, "y")
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=cbar)
@@ -265,8 +305,8 @@ def plot_router_usage(usage: np.ndarray, task_names: Sequence[str], path: PathLi
     dev = m - 1.0 / N
     scale = max(float(np.nanmax(np.abs(dev))) if dev.size else 0.0, 1e-3)
     layers = list(per_layer or {})
-    fig = Figure(figsize=(max(4.5, 0.8 * N + 3.2) + (max(4.0, 0.35 * len(layers) + 2.5) if layers else 0),
-                          max(3.2, 0.45 * T + 2.0)))
+    fig = Figure(figsize=(max(4.5, 0.8 * N + 3.2) + (min(MAX_INCHES, max(4.0, 0.35 * len(layers) + 2.5)) if layers else 0),
+                          min(MAX_INCHES, max(3.2, 0.45 * T + 2.0))))
     ax = fig.add_subplot(1, 2 if layers else 1, 1)
     im = ax.imshow(dev, cmap=_cmap(COS_CMAP), norm=Normalize(-scale, scale), interpolation="nearest", aspect="auto")
     if m.size <= 400:
@@ -274,7 +314,7 @@ def plot_router_usage(usage: np.ndarray, task_names: Sequence[str], path: PathLi
             ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
                     color="white" if abs(dev[i, j]) > 0.6 * scale else "black")
     ax.set_xticks(range(N), [f"head {i}" for i in range(N)], fontsize=8)
-    ax.set_yticks(range(T), names, fontsize=8)
+    _task_ticks(ax, names, "y")
     ax.set_xlabel("head")
     ax.set_title(f"Router usage: mean gate per head (uniform 1/N = {1 / N:.3f});\ncolour: deviation from uniform, "
                  f"largest {scale:.3g}" + ("\nH: normalised router entropy (1 uniform, 0 one head per token)"
@@ -289,7 +329,7 @@ def plot_router_usage(usage: np.ndarray, task_names: Sequence[str], path: PathLi
         short = [".".join(p for p in l.split(".") if p.isdigit() or p.endswith("proj"))[-14:] or l[-14:]
                  for l in layers]
         ax2.set_xticks(range(len(layers)), short, rotation=90, fontsize=6)
-        ax2.set_yticks(range(T), [str(t) for t in task_names], fontsize=8)
+        _task_ticks(ax2, [str(t) for t in task_names], "y")
         ax2.set_title(f"Per layer: distance of the routing from uniform\n(total variation, max {tv.max():.3g}; "
                       f"one head only = {1 - 1 / N:.2f})", fontsize=9)
         fig.colorbar(im2, ax=ax2, fraction=0.046, pad=0.04, label="½ Σ|gate − 1/N|")
@@ -312,35 +352,64 @@ def plot_mtl_mixing(mixing: np.ndarray, task_names: Sequence[str], path: PathLik
 
 
 def save_diagnostic_plots(diag, out_dir: PathLike, history: Optional[Sequence[Mapping]] = None,
-                          prefix: str = "") -> list[Path]:
+                          prefix: str = "", figures: bool = True) -> list[Path]:
     """Write every plot that applies to a :class:`rlora.tracking.diagnostics.Diagnostics` into
     ``out_dir`` (``head_similarity.png``: the per-layer summary, with a panel for the learned updates
     where they differ from the raw ones (R-LoRA), and ``head_similarity.json``: every layer's N x N
-    matrices; ``interference.png``, ``router_usage.png``, ``mtl_mixing.png``, and with a history of the
-    task weights (one entry per logged step) ``task_weights.png`` + ``task_weights.json``); returns the
-    paths."""
+    matrices; ``interference.png`` (the probed tasks) with ``interference.csv`` (every probed pair's
+    cosine) and ``interference_top.csv`` (the pairs behind ``diag/interference/top/NN``),
+    ``router_usage.png`` + ``.csv``, ``mtl_mixing.png`` + ``.csv``, and with a history of the task weights
+    (one entry per logged step) ``task_weights.png`` + ``task_weights.json``); returns the paths. Figures
+    keep a bounded size at any task count (:data:`MAX_INCHES`; per-task labels up to
+    :data:`MAX_TICK_LABELS` tasks). ``figures=False`` writes the data files only (.json, .csv: cheap; the
+    PNGs are most of a pass's fixed cost, and the training loop leaves them out of passes its time budget
+    cannot afford)."""
     out, paths = Path(out_dir), []
     out.mkdir(parents=True, exist_ok=True)
     names = list(diag.task_names)
     if diag.matrices:
         learned = {k: v["learned"] for k, v in diag.matrices.items() if "learned" in v}
         differs = any(not np.array_equal(m, diag.matrices[k]["BA"]) for k, m in learned.items())
-        paths.append(plot_head_similarity_summary(diag.matrices, out / f"{prefix}head_similarity.png",
-                                                  ("BA", "learned") if differs else ("BA",)))
+        if figures:
+            paths.append(plot_head_similarity_summary(diag.matrices, out / f"{prefix}head_similarity.png",
+                                                      ("BA", "learned") if differs else ("BA",)))
         data = out / f"{prefix}head_similarity.json"  # the full per-layer N x N grid, as data
         data.write_text(json.dumps(head_similarity_data(diag.matrices)))
         paths.append(data)
-    if diag.interference is not None:
-        paths.append(plot_interference(diag.interference, names, out / f"{prefix}interference.png"))
+    c = np.asarray(diag.interference if diag.interference is not None else np.zeros((0, 0)), dtype=np.float64)
+    probed = [t for t in range(c.shape[0]) if np.isfinite(c[t, t])]
+    if probed:  # the probed tasks only: at many tasks a pass probes a subset (rlora.tracking.probe_budget)
+        sub = c[np.ix_(probed, probed)]
+        if figures:
+            paths.append(plot_interference(sub, [names[t] for t in probed], out / f"{prefix}interference.png"))
+        paths.append(write_csv(out / f"{prefix}interference.csv", ["task_a", "task_b", "cosine"],
+                               [(names[a], names[b], f"{c[a, b]:.6f}") for i, a in enumerate(probed)
+                                for b in probed[i + 1:]]))
+        paths.append(write_csv(out / f"{prefix}interference_top.csv", ["slot", "task_a", "task_b", "cosine"],
+                               [(f"{r:02d}", names[a], names[b], f"{v:.6f}")
+                                for r, (a, b, v) in enumerate(top_pairs(c), start=1)]))
     if diag.router is not None:
-        paths.append(plot_router_usage(diag.router["usage"], diag.router["tasks"], out / f"{prefix}router_usage.png",
-                                       diag.router["entropy"], diag.router.get("per_layer")))
+        if figures:
+            paths.append(plot_router_usage(diag.router["usage"], diag.router["tasks"],
+                                           out / f"{prefix}router_usage.png", diag.router["entropy"],
+                                           diag.router.get("per_layer")))
+        usage = np.asarray(diag.router["usage"], dtype=np.float64)
+        paths.append(write_csv(out / f"{prefix}router_usage.csv",
+                               ["task", "entropy"] + [f"head{i}" for i in range(usage.shape[1])],
+                               [[t, f"{float(h):.6f}"] + [f"{u:.6f}" for u in row]
+                                for t, h, row in zip(diag.router["tasks"], diag.router["entropy"], usage)]))
     if diag.mtl is not None:
         mix = diag.mtl["mixing"]
         labels = names if len(names) == mix.shape[0] else [f"task{k}" for k in range(mix.shape[0])]
-        paths.append(plot_mtl_mixing(mix, labels, out / f"{prefix}mtl_mixing.png", diag.mtl["lambda_dev"]))
+        if figures:
+            paths.append(plot_mtl_mixing(mix, labels, out / f"{prefix}mtl_mixing.png", diag.mtl["lambda_dev"]))
+        paths.append(write_csv(out / f"{prefix}mtl_mixing.csv",
+                               ["task", "lambda_dev"] + [f"head{i}" for i in range(mix.shape[1])],
+                               [[t, f"{float(d):.6f}"] + [f"{u:.6f}" for u in row]
+                                for t, d, row in zip(labels, diag.mtl["lambda_dev"], mix)]))
     if history:
-        paths.append(plot_task_weights(history, names, out / f"{prefix}task_weights.png"))
+        if figures:
+            paths.append(plot_task_weights(history, names, out / f"{prefix}task_weights.png"))
         data = out / f"{prefix}task_weights.json"  # the plotted points: one per logged step
         data.write_text(json.dumps({"tasks": names, "history": [
             {"step": int(h["step"]), "probabilities": [float(p) for p in h["probabilities"]]} for h in history]}))

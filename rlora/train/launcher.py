@@ -323,12 +323,20 @@ def _finish(cfg: RunConfig, run: dict, ckpt_dir: Optional[Path], uri: Optional[s
         chart = before_after_chart(summary, run_dir(cfg, run["run_name"]) / "accuracy_before_after.png",
                                    f"{run['run_name']}: {cfg.adapter.method}, {summary.get('global_step')} steps")
         summary["results_chart"] = str(chart)
+    table = None
+    if summary.get("results_after") or summary.get("results_before"):  # the whole table, whatever the task count
+        table = run_dir(cfg, run["run_name"]) / RESULTS_TABLE
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(results_table(summary, whole=True) + "\n")
+        summary["results_table"] = str(table)
     if run.get("mlflow_run_id") and uri:
         tracker = mlflow_tracker.Tracker(uri, run["mlflow_run_id"])
         if adapter_dir is not None and cfg.mlflow.log_artifacts:
             tracker.log_artifacts(str(adapter_dir), "adapter")
         if chart is not None and cfg.mlflow.log_artifacts:
             tracker.log_artifact(str(chart))
+        if table is not None and cfg.mlflow.log_artifacts:
+            tracker.log_artifact(str(table))
         if summary:
             tracker.log_dict(summary, "results.json")
         tracker.finish("FINISHED")
@@ -336,14 +344,22 @@ def _finish(cfg: RunConfig, run: dict, ckpt_dir: Optional[Path], uri: Optional[s
                        run.get("mlflow_run_id"), uri, summary)
 
 
-def results_table(summary: dict) -> str:
-    """Per-task dev accuracy before and after training, as a Markdown table."""
+RESULTS_TABLE = "results_table.md"  # output_dir/<run>/: the whole per-task table (also an MLflow artifact)
+SUMMARY_ABOVE, SUMMARY_EACH = 20, 5  # more tasks than this: the console shows the worst and best 5 and the mean
+
+
+def results_table(summary: dict, whole: bool = False) -> str:
+    """Per-task dev accuracy before and after training, as a Markdown table. With more than
+    :data:`SUMMARY_ABOVE` tasks (unless ``whole``) only the :data:`SUMMARY_EACH` worst and best tasks by
+    accuracy after training (before, where there is no after; ties in task order) and the mean over all
+    tasks, then where the whole table is (``summary["results_table"]``, written by the run)."""
     before, after = summary.get("results_before") or {}, summary.get("results_after") or {}
     tasks = list(after or before)
     if not tasks:
         return "(no evaluation results)"
     lines = ["| task | n | accuracy before | accuracy after | change | dev loss after |", "|---|---:|---:|---:|---:|---:|"]
     accs_b, accs_a = [], []
+    rows = {}
     for tname in tasks:
         b, a = before.get(tname, {}), after.get(tname, {})
         ab, aa = b.get("accuracy"), a.get("accuracy")
@@ -352,11 +368,24 @@ def results_table(summary: dict) -> str:
         ch = f"{100 * (aa - ab):+.1f}" if ab is not None and aa is not None else ""
         fmt = lambda v: f"{100 * v:.1f}" if v is not None else ""  # noqa: E731
         loss = a.get("loss")
-        lines.append(f"| {tname} | {int(a.get('n', b.get('n', 0)))} | {fmt(ab)} | {fmt(aa)} | {ch} | "
-                     f"{'' if loss is None else f'{loss:.3f}'} |")
+        rows[tname] = (f"| {tname} | {int(a.get('n', b.get('n', 0)))} | {fmt(ab)} | {fmt(aa)} | {ch} | "
+                       f"{'' if loss is None else f'{loss:.3f}'} |")
+    summarised = len(tasks) > SUMMARY_ABOVE and not whole
+    if summarised:
+        key = {t: (after.get(t) or before.get(t) or {}).get("accuracy") for t in tasks}
+        ranked = sorted((t for t in tasks if key[t] is not None and key[t] == key[t]), key=key.__getitem__)
+        worst, best = ranked[:SUMMARY_EACH], ranked[-SUMMARY_EACH:][::-1]
+        lines.append(f"| *worst {SUMMARY_EACH} of {len(tasks)}* | | | | | |")
+        lines += [rows[t] for t in worst]
+        lines.append(f"| *best {SUMMARY_EACH} of {len(tasks)}* | | | | | |")
+        lines += [rows[t] for t in best]
+    else:
+        lines += [rows[t] for t in tasks]
     if accs_a:
         mb = sum(accs_b) / len(accs_b) if accs_b else None
         ma = sum(accs_a) / len(accs_a)
         lines.append(f"| **mean** | | {'' if mb is None else f'{100 * mb:.1f}'} | {100 * ma:.1f} | "
                      f"{'' if mb is None else f'{100 * (ma - mb):+.1f}'} | |")
+    if summarised:
+        lines.append(f"(all {len(tasks)} tasks: {summary.get('results_table') or 'the run folder'})")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from ..config import RunConfig
@@ -288,37 +289,64 @@ class Trainer:
 
     def diagnose(self) -> Optional[Any]:
         """Head diagnostics every ``diagnostics.every_n_steps`` (and at the last step) on every rank
-        (identical inputs give identical results); rank 0 logs metrics and plots. Returns the [T, T]
-        task-conflict matrix for the sampler (``None`` in other steps)."""
+        (identical inputs give identical results); rank 0 logs metrics and plots. The probe covers the
+        tasks that ``diagnostics.max_time_fraction`` of the training time allows, rotating
+        (:mod:`rlora.tracking.probe_budget`; rank 0 picks how many). Returns the latest [T, T]
+        task-conflict matrix for the sampler (NaN where a pair was not probed yet; ``None`` in other steps)."""
         dc = self.cfg.diagnostics
         if not dc.enabled or not (self.step % dc.every_n_steps == 0 or self.step == self.total_steps):
             return None
         from ..tracking.diagnostics import make_probe, run_diagnostics
+        from ..tracking.probe_budget import ProbePlan
 
+        t0 = time.time()
         with self.clock.side():
             if not hasattr(self, "_probe"):
                 self._probe = make_probe(self.data.tokenized, self.data.names, self.data.pad_id, dc.probe_batch_size)
+                self._plan = ProbePlan(len(self.data.names), seed=self.cfg.trainer.seed)
+            train_s, steps = self._train_s(), max(1, self.step - (self.resumed_from or 0))
+            t = self.cfg.trainer
+            k = gather_objects(self._plan.choose(dc.max_time_fraction, train_s, train_s / steps, dc.probe_batch_size,
+                                                 t.per_device_train_batch_size * t.gradient_accumulation_steps))[0]
+            subset = [self.data.names[i] for i in self._plan.next_subset(k)]
+            probe = {n: self._probe[n] for n in subset if n in self._probe}
             stage3 = self.cfg.deepspeed.stage == 3
             with gathered(self.engine.module, self.cfg.deepspeed.stage):
                 # under ZeRO-3 the probe runs forward-only (router usage): per-task autograd.grad through
                 # partitioned parameters is not supported, so the interference matrix is left out there
-                diag = run_diagnostics(self.engine.module, self._probe, self.data.names, interference=not stage3)
+                diag = run_diagnostics(self.engine.module, probe, self.data.names, interference=not stage3)
             self.engine.module.train()
             self._track(diag.metrics(), self.step)
             self._pending_plots = diag
-        return diag.conflict
+        self._diag_s = time.time() - t0
+        return None if diag.conflict is None else self._plan.merge(diag.conflict)
+
+    def _train_s(self) -> float:
+        """Training seconds of this invocation so far: the loop's wall time less side work."""
+        return time.time() - (self.clock.loop_start or self.clock.start) - self.clock.side_s
 
     def plot_diagnostics(self) -> None:
         """Rank 0 writes the plots of this step's diagnostics pass, after :meth:`log`, so the
         task-weights plot has one point per logged step up to and including this one."""
         diag, self._pending_plots = self._pending_plots, None
-        if diag is None or not self.tracker or not self.cfg.mlflow.log_artifacts:
+        if diag is None:
             return
-        from ..tracking.plots import save_diagnostic_plots
+        t0, fraction, figures, figures_s = time.time(), self.cfg.diagnostics.max_time_fraction, True, None
+        if self.tracker and self.cfg.mlflow.log_artifacts:
+            from ..tracking.plots import save_diagnostic_plots
 
-        with self.clock.side(), tempfile.TemporaryDirectory(prefix="rlora-diag-") as tmp:
-            save_diagnostic_plots(diag, tmp, history=self.p_history)
-            self.tracker.log_artifacts(tmp, f"diagnostics/step_{self.step:06d}")
+            figures = self._plan.draw_figures(fraction, self._train_s(), self._diag_s, self.step == self.total_steps)
+            with self.clock.side(), tempfile.TemporaryDirectory(prefix="rlora-diag-") as tmp:
+                t1 = time.time()
+                save_diagnostic_plots(diag, tmp, history=self.p_history, figures=figures)
+                figures_s = time.time() - t1 if figures else None
+                self.tracker.log_artifacts(tmp, f"diagnostics/step_{self.step:06d}")
+        pass_s = self._diag_s + time.time() - t0
+        self._plan.record(pass_s, diag.probe_seconds, len(diag.probed), figures_s)
+        c = diag.interference
+        pairs = 0 if c is None else int(np.isfinite(c[np.triu_indices(len(c), 1)]).sum())
+        self._say(self._plan.budget_line(self.step, len(diag.probed), pairs, diag.probe_seconds, pass_s, fraction,
+                                         self._train_s(), figures))
 
     def log(self, task_loss: list[float], step_loss: float) -> None:
         t = self.cfg.trainer

@@ -70,8 +70,9 @@ def test_plot_input_errors(tmp_path):
 
 
 @pytest.mark.parametrize("method,expected", [
-    ("rlora", {"head_similarity.png", "interference.png", "router_usage.png", "task_weights.png"}),
-    ("mtl", {"head_similarity.png", "interference.png", "mtl_mixing.png", "task_weights.png"}),
+    ("rlora", {"head_similarity.png", "interference.png", "router_usage.png", "task_weights.png",
+               "router_usage.csv"}),
+    ("mtl", {"head_similarity.png", "interference.png", "mtl_mixing.png", "task_weights.png", "mtl_mixing.csv"}),
 ])
 def test_save_diagnostic_plots_from_a_real_pass(tmp_path, method, expected):
     import json
@@ -80,7 +81,16 @@ def test_save_diagnostic_plots_from_a_real_pass(tmp_path, method, expected):
     diag = D.run_diagnostics(model, probe_for(), TASKS)
     history = [{"step": 0, "probabilities": [1 / 3] * 3}, {"step": 10, "probabilities": [0.5, 0.25, 0.25]}]
     paths = P.save_diagnostic_plots(diag, tmp_path, history=history, prefix="")
-    assert {p.name for p in paths} == expected | {"head_similarity.json", "task_weights.json"}
+    assert {p.name for p in paths} == expected | {"head_similarity.json", "task_weights.json", "interference.csv",
+                                                  "interference_top.csv"}
+    import csv
+
+    pairs = list(csv.DictReader(open(tmp_path / "interference.csv")))
+    assert [(r["task_a"], r["task_b"]) for r in pairs] == [("alpha", "beta"), ("alpha", "gamma"), ("beta", "gamma")]
+    c = diag.interference
+    assert [float(r["cosine"]) for r in pairs] == pytest.approx([c[0, 1], c[0, 2], c[1, 2]], abs=1e-6)
+    top = list(csv.DictReader(open(tmp_path / "interference_top.csv")))
+    assert [float(r["cosine"]) for r in top] == sorted(float(r["cosine"]) for r in pairs)
     for p in paths:
         if p.suffix == ".png":
             check_png(p, min_w=200, min_h=150)

@@ -1,0 +1,104 @@
+"""A 200-task run finishes with a bounded record: `rlora train --local`'s library path (run_training) on a tiny
+random Llama, 200 synthetic tasks of a few rows, MTL-LoRA, diagnostics every 2 steps, MLflow in sqlite."""
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from helpers import run_config
+
+T = 200
+
+
+def write_many(root, count):
+    for t in range(count):
+        d = root / f"t{t:03d}"
+        d.mkdir(parents=True)
+        for split, ids in (("train", range(4)), ("dev", range(4, 5))):
+            with open(d / f"{split}.jsonl", "w") as fh:
+                for i in ids:
+                    n = 7 * t + i
+                    fh.write(json.dumps({"task": d.name, "id": f"{d.name}-{i}", "input": f"Is {n} even or odd?",
+                                         "options": ["even", "odd"], "target": "odd" if n % 2 else "even"}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def many_tasks(tmp_path_factory):
+    return write_many(tmp_path_factory.mktemp("many-tasks"), T)
+
+
+@pytest.mark.parametrize("fraction,probed", [("null", 12), (0.05, 8)])
+def test_max_time_fraction_sets_how_many_tasks_a_pass_probes(tiny_model_dir, tmp_path, fraction, probed):
+    """12 tasks, one pass after 2 steps of a tiny model: 5 % of its training time affords the floor of 8 tasks
+    (a pass costs more than that), no budget probes all 12."""
+    from rlora.train.loop import Trainer
+    from rlora.train.runtime import LocalRuntime
+
+    cfg = run_config(tiny_model_dir, write_many(tmp_path / "data", 12), tmp_path / "out", trainer__max_steps=2,
+                     diagnostics__every_n_steps=2, diagnostics__max_time_fraction=fraction, mlflow__enabled=False,
+                     eval__max_examples_per_task=0)
+    t = Trainer(cfg, LocalRuntime(None), {"run_name": "budget", "started_at": 0.0}, progress=False)
+    t.fit()
+    assert int(np.isfinite(np.diag(t._plan.latest)).sum()) == probed
+    assert t._plan.passes == 1
+
+
+@pytest.mark.slow
+def test_a_200_task_run_finishes_with_a_bounded_record(tiny_model_dir, many_tasks, tmp_path, capfd):
+    from mlflow.tracking import MlflowClient
+
+    from rlora.train.launcher import SUMMARY_EACH, results_table, run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = run_config(tiny_model_dir, many_tasks, tmp_path / "out", adapter__method="mtl", trainer__max_steps=4,
+                     trainer__save_steps=100, trainer__logging_steps=2, diagnostics__every_n_steps=2,
+                     eval__max_examples_per_task=1, mlflow__tracking_uri=uri, trainer__run_name="many")
+    result = run_training(cfg, local=True, verbose=False)
+    out = capfd.readouterr().out
+    client = MlflowClient(uri)
+    run = client.get_run(result.mlflow_run_id)
+    keys = set(run.data.metrics)
+    families = {}
+    for k in keys:
+        families[k.rsplit("/", 1)[0]] = families.get(k.rsplit("/", 1)[0], 0) + 1
+    assert len(keys) <= 2000
+    assert max(families.values()) <= T + 1, families  # at most one key per task (+ the mean) in any family
+    assert not [k for k in keys if "__" in k]  # no per-pair metric
+    assert not [k for k in keys if re.search(r"mtl_mix/t\d+_head", k)]  # no per task x head metric
+    top = sorted(k for k in keys if k.startswith("diag/interference/top/"))
+    assert top == [f"diag/interference/top/{i:02d}" for i in range(1, 11)]
+
+    # the matrix is an artifact; the top slots name their pairs there
+    lines = [ln for ln in out.splitlines() if ln.startswith("[rlora] diagnostics step ")]
+    assert [ln.split(":")[0] for ln in lines] == ["[rlora] diagnostics step 2", "[rlora] diagnostics step 4"]
+    probed = [int(re.search(r"probed (\d+)/200 tasks", ln).group(1)) for ln in lines]
+    art = client.download_artifacts(result.mlflow_run_id, "diagnostics/step_000004", str(tmp_path / "art"))
+    pairs = list(csv.DictReader(open(f"{art}/interference.csv")))
+    assert len(pairs) == probed[1] * (probed[1] - 1) // 2
+    slots = list(csv.DictReader(open(f"{art}/interference_top.csv")))
+    lowest = sorted(float(r["cosine"]) for r in pairs)[:10]
+    assert [float(r["cosine"]) for r in slots] == lowest
+    assert [r["cosine"] for r in slots][0] == f"{client.get_metric_history(run.info.run_id, top[0])[-1].value:.6f}"
+
+    # the budget: 10 % of the training time of 2 tiny steps (~0.05 s) affords less than a pass's fixed part, so
+    # the first pass probes the floor of 8 tasks and leaves its figures out; the last pass always draws them
+    # (the ≤ 10 % figure with realistic step times: benchmarks/data_scale.py)
+    share = [float(re.search(r"= ([\d.]+)% of", ln).group(1)) for ln in lines]
+    assert probed == [8, 8] and all(s > 10 and ln.endswith("(budget 10%, over)") for s, ln in zip(share, lines))
+    assert "without figures" in lines[0] and "without figures" not in lines[1]
+    assert "interference.png" in [a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(
+        result.mlflow_run_id, "diagnostics/step_000004")]
+    assert "interference.png" not in [a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(
+        result.mlflow_run_id, "diagnostics/step_000002")]
+
+    # the console table is a summary; the whole one is in the run folder and in MLflow
+    table = results_table(result.summary)
+    rows = [ln for ln in table.splitlines() if re.match(r"\| t\d{3} ", ln)]
+    assert len(rows) == 2 * SUMMARY_EACH and len(table.splitlines()) == 2 + 2 + 2 * SUMMARY_EACH + 1 + 1
+    whole = (tmp_path / "out" / "many" / "results_table.md").read_text()
+    assert sum(bool(re.match(r"\| t\d{3} ", ln)) for ln in whole.splitlines()) == T
+    assert table.splitlines()[-1] == f"(all {T} tasks: {tmp_path / 'out' / 'many' / 'results_table.md'})"
+    assert "results_table.md" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
