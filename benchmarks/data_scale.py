@@ -24,15 +24,25 @@ tasks. For every cell:
   in turn, interleaved (``_common.interleaved_rounds``): steps/s per cell and the ratio largest / smallest
   row count per round.
 
+* **diagnostics at T = 200** -- ``rlora train --local`` (a subprocess, as a user runs it) of SmolLM2-135M
+  with MTL-LoRA on 200 synthetic tasks x 100 rows, ``DIAG_STEPS`` steps, every diagnostics setting at
+  its default (a pass every 50 steps and at the end, ``diagnostics.max_time_fraction`` 0.10), MLflow in a
+  sqlite file: the diagnostics seconds over the training seconds as the run's last console line
+  ``[rlora] diagnostics step ...`` states them (all passes of the run together), the tasks each pass
+  probed, and the distinct metric keys of the MLflow run (``MlflowClient.get_run(...).data.metrics``).
+
 ``--quick`` runs 10k and 100k rows (the 1M cells take tens of minutes on a 2-core machine) and 3 rounds.
 
-Usage: ``python benchmarks/data_scale.py [--quick] [--json] [--rows 10000,100000,1000000] [--tasks 6,200]``
+Usage: ``python benchmarks/data_scale.py [--quick] [--json] [--rows 10000,100000,1000000] [--tasks 6,200]
+[--diag-model smollm2-135m]``
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +57,7 @@ from _common import emit, figure, meets, parser, show  # noqa: E402
 
 MAX_LENGTH = 256
 RAY_STEPS = 4
+DIAG_TASKS, DIAG_ROWS_PER_TASK, DIAG_STEPS = 200, 100, 60
 SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "data" / "bigbench_default"
 
 
@@ -231,6 +242,56 @@ def steps_per_s(cfgs: dict, tokenizer, model_dir: Path, rounds: int, per_round: 
     return interleaved_rounds(fns, rounds, per_round, warmup=2)
 
 
+# ---- diagnostics and the MLflow record at many tasks -----------------------------------------------------
+BUDGET_LINE = re.compile(r"\[rlora\] diagnostics step (\d+): probed (\d+)/(\d+) tasks .* in ([\d.]+)s, pass "
+                         r"([\d.]+)s.*; diagnostics so far ([\d.]+)s = ([\d.]+)% of ([\d.]+)s training")
+
+
+def read_budget_lines(console: str) -> list[dict]:
+    """The ``[rlora] diagnostics step ...`` lines of a run's console: step, tasks probed, probe and pass
+    seconds, the diagnostics seconds so far and the training seconds so far."""
+    out = []
+    for m in BUDGET_LINE.finditer(console):
+        step, probed, tasks, probe_s, pass_s, spent_s, _, train_s = m.groups()
+        out.append({"step": int(step), "probed": int(probed), "tasks": int(tasks), "probe_s": float(probe_s),
+                    "pass_s": float(pass_s), "spent_s": float(spent_s), "train_s": float(train_s)})
+    return out
+
+
+def diagnostics_run(scratch: Path, model: str, tasks: int = DIAG_TASKS, rows_per_task: int = DIAG_ROWS_PER_TASK,
+                    steps: int = DIAG_STEPS, extra: tuple = ()) -> dict:
+    """``rlora train --local`` on ``tasks`` synthetic tasks with MTL-LoRA and the default diagnostics; the
+    budget lines it printed and the number of distinct metric keys of its MLflow run."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    data = scratch / f"diag-data-{tasks}"
+    if not data.exists():
+        write_data(data, tasks * rows_per_task, tasks)
+    out = scratch / "diag-out"
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    cfg = {"model": {"name_or_path": model},
+           "adapter": {"method": "mtl", "r": 8, "num_heads": 3, "alpha": 16},
+           "data": {"path": str(data), "max_length": MAX_LENGTH},
+           "trainer": {"max_steps": steps, "per_device_train_batch_size": 4, "learning_rate": 2e-4, "seed": 0,
+                       "output_dir": str(out), "save_steps": 10 ** 6, "logging_steps": 10,
+                       "resume_from_checkpoint": "never"},
+           "ray": {"resources_per_worker": {"CPU": 2}},
+           "mlflow": {"tracking_uri": uri},
+           "eval": {"max_examples_per_task": 0, "before_training": False}}
+    path = scratch / "diag.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "rlora.cli", "train", str(path), *extra, "--local"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"rlora train --local failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    lines = read_budget_lines(proc.stdout)
+    run_id = re.search(r"\[rlora\] MLflow run: (\w+)", proc.stdout).group(1)
+    keys = MlflowClient(uri).get_run(run_id).data.metrics
+    shutil.rmtree(out, ignore_errors=True)
+    return {"passes": lines, "metric_keys": len(keys), "console": proc.stdout}
+
+
 # ---- main ---------------------------------------------------------------------------------------------
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
@@ -238,6 +299,9 @@ def main() -> None:
                    "--quick: 10000,100000)")
     p.add_argument("--tasks", default="6,200", help="task counts (comma-separated)")
     p.add_argument("--scratch", default=None, help="scratch folder (default: a temporary folder, removed)")
+    p.add_argument("--diag-model", default="smollm2-135m", help="base model of the diagnostics run at T=200 "
+                   "(default: the embedded SmolLM2-135M); 'none' leaves that part out")
+    p.add_argument("--diag-only", action="store_true", help="only the diagnostics run at T=200")
     args = p.parse_args()
     rows_list = [int(x) for x in (args.rows or ("10000,100000" if args.quick else "10000,100000,1000000")).split(",")]
     tasks_list = [int(x) for x in args.tasks.split(",")]
@@ -255,7 +319,7 @@ def main() -> None:
     figures: dict = {}
     table = []
     try:
-        for tasks in tasks_list:
+        for tasks in ([] if args.diag_only else tasks_list):
             cfgs, cells, ratio = {}, {}, {}
             for rows in rows_list:
                 data = scratch / f"data-{rows}-{tasks}"
@@ -310,6 +374,22 @@ def main() -> None:
             from rlora.data.token_cache import clear
 
             clear()
+        if args.diag_model != "none":
+            diag = diagnostics_run(scratch, args.diag_model)
+            passes = diag["passes"]
+            last = passes[-1]
+            share = last["spent_s"] / last["train_s"]
+            for ps in passes:
+                print(f"T={DIAG_TASKS} diagnostics step {ps['step']}: probed {ps['probed']}/{ps['tasks']} tasks in "
+                      f"{ps['probe_s']:.1f}s, pass {ps['pass_s']:.1f}s", flush=True)
+            print(f"T={DIAG_TASKS}: diagnostics {last['spent_s']:.1f}s of {last['train_s']:.1f}s training "
+                  f"({100 * share:.1f}%), {diag['metric_keys']} distinct MLflow metric keys", flush=True)
+            figures[f"diagnostics_over_training_T{DIAG_TASKS}"] = figure(share, "<=0.10", "x")
+            figures[f"mlflow_metric_keys_T{DIAG_TASKS}"] = figure(diag["metric_keys"], "<=2000", "keys", spread=0)
+            figures[f"diagnostics_pass_s_T{DIAG_TASKS}"] = figure([ps["pass_s"] for ps in passes], "info", "s")
+            figures[f"diagnostics_tasks_probed_T{DIAG_TASKS}"] = figure([ps["probed"] for ps in passes], "info",
+                                                                       "tasks")
+            figures[f"diagnostics_train_s_T{DIAG_TASKS}"] = figure(last["train_s"], "info", "s")
     finally:
         stop_ray()
         if not args.scratch:

@@ -36,3 +36,18 @@ def test_build_vs_tokenizer_builds_cold_every_round(tmp_path, tiny_model_dir, mo
     ratios = data_scale.build_vs_tokenizer(cfg, load_tokenizer(str(tiny_model_dir)), rounds=2)
     assert len(ratios) == 2 and all(r > 0 for r in ratios) and len(builds) == 2
     assert not [p for p in (tmp_path / "tokens").iterdir() if p.is_dir()]  # each round's build removed
+
+
+def test_budget_lines_are_read_from_the_console():
+    """The T = 200 figures come from the lines rlora train prints (rlora.tracking.probe_budget.ProbePlan.budget_line)."""
+    from rlora.tracking.probe_budget import ProbePlan
+
+    plan = ProbePlan(200)
+    plan.record(pass_s=3.25, probe_s=2.0, probed=12)
+    first = plan.budget_line(50, 12, 66, 2.0, 3.25, 0.1, 61.0, figures=False)
+    plan.record(pass_s=4.0, probe_s=3.0, probed=9)
+    last = plan.budget_line(60, 9, 36, 3.0, 4.0, 0.1, 74.5)
+    console = "\n".join(["[rlora] step 50/60", first, "[rlora] step 60/60", last, "[rlora] checkpoint: step 60"])
+    assert data_scale.read_budget_lines(console) == [
+        {"step": 50, "probed": 12, "tasks": 200, "probe_s": 2.0, "pass_s": 3.2, "spent_s": 3.2, "train_s": 61.0},
+        {"step": 60, "probed": 9, "tasks": 200, "probe_s": 3.0, "pass_s": 4.0, "spent_s": 7.2, "train_s": 74.5}]

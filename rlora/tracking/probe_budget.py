@@ -21,7 +21,8 @@ subsets **rotate**:
 
   The PNG figures of a pass (the bulk of ``g``; their data, .json and .csv, are always written) are
   drawn when the allowance left after the probe covers them (the last drawn figures' seconds; before
-  any, :data:`FIGURES_GUESS_S`), and always in the last pass of the run.
+  any, :data:`FIGURES_GUESS_S`), and in the last pass of a run that has drawn none yet (so every run
+  has one set).
 
   Below :data:`MIN_PROBE_TASKS` tasks every pass probes all of them (small runs are exact and their
   conflict signal does not depend on timing); a pass held to the floor can overrun its share, which the
@@ -115,7 +116,7 @@ class ProbePlan:
 
     def draw_figures(self, fraction: Optional[float], train_s: float, pass_s: float, last: bool) -> bool:
         """Whether this pass (``pass_s`` seconds so far) draws its PNGs (module docstring)."""
-        if last or fraction is None:
+        if fraction is None or (last and self.figures_s is None):
             return True
         cost = self.figures_s if self.figures_s is not None else FIGURES_GUESS_S
         return fraction * max(train_s, 0.0) - self.spent_s - pass_s >= cost

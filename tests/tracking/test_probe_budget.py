@@ -49,7 +49,10 @@ def test_plan_estimates_a_task_from_the_step_time_then_from_the_last_pass():
     assert plan.choose(0.1, train_s=200.0, step_s=2.0, probe_rows=2, step_rows=4) == 40   # (20 - 9 - 1) / 0.25
     assert plan.draw_figures(0.1, train_s=200.0, pass_s=7.0, last=False)             # 20 - 9 - 7 = 4 >= 3
     assert not plan.draw_figures(0.1, train_s=200.0, pass_s=9.0, last=False)         # 2 < 3
-    assert plan.draw_figures(0.1, train_s=200.0, pass_s=9.0, last=True)
+    assert not plan.draw_figures(0.1, train_s=200.0, pass_s=9.0, last=True)          # figures drawn before
+    assert ProbePlan(100).draw_figures(0.1, train_s=1.0, pass_s=9.0, last=True)      # none yet: the last pass draws
+    assert not ProbePlan(100).draw_figures(0.1, train_s=1.0, pass_s=9.0, last=False)
+    assert ProbePlan(100).draw_figures(None, train_s=1.0, pass_s=9.0, last=False)
 
 
 def test_subset_pass_against_the_exact_matrix():
