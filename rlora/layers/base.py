@@ -90,22 +90,23 @@ class MultiHeadLoRALinear(nn.Module):
             "merged exactly into W0; use `rlora export --format peft|merged` for the approximate export"
         )
 
-    @torch.no_grad()
+    # merge/unmerge open torch.no_grad() as a block, not as a decorator: mutmut (make mutate) skips decorated methods
     def merge(self, task: Optional[int] = None) -> None:
-        if self.merged_task is not None:
-            raise AdapterError("adapter is already merged: call rlora.unmerge(model) first")
-        delta = self.delta_weight(task)
-        self._w0_backup = self.base.weight.detach().clone()
-        self.base.weight.add_(delta.to(self.base.weight.dtype))
-        self.merged_task = task if task is not None else True
+        with torch.no_grad():
+            if self.merged_task is not None:
+                raise AdapterError("adapter is already merged: call rlora.unmerge(model) first")
+            delta = self.delta_weight(task)
+            self._w0_backup = self.base.weight.detach().clone()
+            self.base.weight.add_(delta.to(self.base.weight.dtype))
+            self.merged_task = task if task is not None else True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged_task is None:
-            return
-        self.base.weight.copy_(self._w0_backup)
-        self._w0_backup = None
-        self.merged_task = None
+        with torch.no_grad():
+            if self.merged_task is None:
+                return
+            self.base.weight.copy_(self._w0_backup)
+            self._w0_backup = None
+            self.merged_task = None
 
     def extra_repr(self) -> str:
         return (f"method={self.method}, d_in={self.d_in}, d_out={self.d_out}, r={self.r}, "
