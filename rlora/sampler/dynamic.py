@@ -79,6 +79,10 @@ class DynamicBalancer:
     def _mix(self, q: np.ndarray) -> np.ndarray:
         return (1.0 - self.floor) * q + self.floor / self.num_tasks
 
+    def start_probabilities(self) -> np.ndarray:
+        """The distribution before any re-weighting: ``(1 - f) * pi + f / T`` with ``pi`` the (weighted) prior."""
+        return self._mix(self.prior)
+
     def loss_ratios(self) -> np.ndarray:
         """``r_t`` [T] from the kept loss history (1 where not enough observations)."""
         return np.array(self._ratio_list())

@@ -441,7 +441,7 @@ class TaskSampler:
         if self._quota is None:
             return None
         if self._dynamic is not None:
-            start = compute_probabilities(self.task_sizes, self.cfg, self.task_names)
+            start = self._dynamic.start_probabilities()  # the task weights are part of the prior
             spe = steps_per_epoch(self.task_sizes, start, self.global_batch_size, self.cfg.stopping_strategy)
             return max(1, math.ceil(self.num_epochs * spe - 1e-9))
         # replay the task draws from step 0 (they do not depend on the examples)

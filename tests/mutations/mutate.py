@@ -17,8 +17,15 @@ Kill rate = (killed + timeout + segfault) / all mutants; a mutant that no select
 ("no tests") counts as not killed. mutmut's names (``rlora.layers.base.xǁMultiHeadLoRALinearǁforward__mutmut_3``)
 number the mutations within one function, so a note stays attached as long as that function is unchanged.
 
-Usage: ``python tests/mutations/mutate.py [GROUP ...] [--rev REV | --worktree] [--list]``; ``mutmut show NAME`` and
-``mutmut browse`` in ``build/mutation/<group>/`` show the details of the last run.
+``--resume`` continues in the existing ``build/mutation/<group>/`` instead of exporting a fresh copy: it copies
+the group's test files and the files it mutates from the working tree into that copy, runs mutmut there (which
+keeps every verdict of an unchanged function and checks the rest: never-checked mutants, and all mutants of a
+function whose source changed), then re-runs every survivor by name, so that new tests get their chance. Sound
+only while tests were added or strengthened since the copy was made (a killed mutant stays killed); the wall
+times of the runs on one copy add up in ``build/mutation/<group>/wall.json``.
+
+Usage: ``python tests/mutations/mutate.py [GROUP ...] [--rev REV | --worktree | --resume] [--list]``; ``mutmut show
+NAME`` and ``mutmut browse`` in ``build/mutation/<group>/`` show the details of the last run.
 """
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "compare_rest": (["rlora/compare/budget.py", "rlora/compare/cells.py", "rlora/compare/grid.py",
                       "rlora/compare/report.py", "rlora/compare/summary.py"],
                      ["tests/compare/test_budget.py", "tests/compare/test_cells.py", "tests/compare/test_grid.py",
-                      "tests/compare/test_report.py"]),
+                      "tests/compare/test_report.py", "tests/compare/test_pooled.py",
+                      "tests/compare/test_align_compare.py"]),
     "sampler": (["rlora/sampler/*.py"],
                 ["tests/sampler/test_strategies.py", "tests/sampler/test_dynamic.py", "tests/sampler/test_budget.py",
                  "tests/sampler/test_errors.py", "tests/sampler/test_resume.py"]),
@@ -93,6 +101,9 @@ def write_config(dest: Path, files: list[str], tests: list[str]) -> None:
     lines += ["pytest_add_cli_args =", "    -m", "    not slow", "    -p", "    no:cacheprovider",
               "    -p", "    no:rlora-coverage-trace", "    -q"]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
+    # a mutant whose tests take 5x (mutmut's default: 15x) their clean time (+ 1 s) is a timeout (= detected):
+    # the mutants that loop forever (an epoch budget that is never met) cost ~40 s each instead of ~2 min
+    lines += ["timeout_multiplier = 5"]
     (dest / "setup.cfg").write_text("\n".join(lines) + "\n")
 
 
@@ -117,24 +128,72 @@ def diff_of(dest: Path, mutmut: str, name: str) -> str:
     return "\n".join(lines)
 
 
+def _mutmut_run(group: str, dest: Path, args: list[str], log_name: str) -> float:
+    """``mutmut run --max-children 1 ARGS`` in ``dest`` under nice 10 with one thread; returns the wall time."""
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONHASHSEED="0")
+    t0 = time.monotonic()
+    with open(dest / log_name, "w") as log:
+        rc = subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", "1", *args], cwd=dest, env=env,
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.monotonic() - t0
+    if rc != 0:
+        tail = (dest / log_name).read_text(errors="replace")[-3000:]
+        raise SystemExit(f"mutate: mutmut failed for group {group!r} (exit {rc}); last lines of "
+                         f"{dest / log_name}:\n{tail}")
+    return wall
+
+
+def _add_wall(dest: Path, what: str, seconds: float, fresh: bool) -> float:
+    """Record one run's wall time in ``dest/wall.json``; returns the total over the runs on this copy."""
+    path = dest / "wall.json"
+    runs = [] if fresh or not path.exists() else json.loads(path.read_text())["runs"]
+    runs.append({"what": what, "wall_s": round(seconds, 1)})
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    return sum(r["wall_s"] for r in runs)
+
+
 def run_group(group: str, rev: str | None, notes: dict) -> dict:
     files, tests = GROUPS[group]
     dest = WORK / group
     source = export_tree(dest, rev)
     write_config(dest, files, tests)
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONHASHSEED="0")
-    t0 = time.monotonic()
-    with open(dest / "mutmut.log", "w") as log:
-        rc = subprocess.run(["nice", "-n", "10", mutmut, "run", "--max-children", "1", *ONLY.get(group, [])],
-                            cwd=dest, env=env,
-                            stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.monotonic() - t0
-    if rc != 0:
-        tail = (dest / "mutmut.log").read_text(errors="replace")[-3000:]
-        raise SystemExit(f"mutate: mutmut failed for group {group!r} (exit {rc}); last lines of "
-                         f"{dest / 'mutmut.log'}:\n{tail}")
-    return report(group, dest, source, wall, notes)
+    wall = _mutmut_run(group, dest, ONLY.get(group, []), "mutmut.log")
+    return report(group, dest, source, _add_wall(dest, f"full run of {source}", wall, fresh=True), notes)
+
+
+def sync_tree(dest: Path, files: list[str], tests: list[str]) -> list[str]:
+    """Copy the working tree's versions of the mutated files and the test files into an existing copy (the tests
+    into ``mutants/`` too: mutmut copies them there only once); returns the paths that changed."""
+    changed = []
+    sources = sorted({p for pattern in files for p in ROOT.glob(pattern)})
+    for src in sources + [ROOT / t for t in tests]:
+        rel = src.relative_to(ROOT)
+        targets = [dest / rel] + ([dest / "mutants" / rel] if str(rel) in tests else [])
+        for target in targets:
+            if not target.exists() or target.read_bytes() != src.read_bytes():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)  # a new mtime: mutmut regenerates the mutants of a changed source
+                changed.append(str(target.relative_to(dest)))
+    return changed
+
+
+def resume_group(group: str, notes: dict) -> dict:
+    files, tests = GROUPS[group]
+    dest = WORK / group
+    if not (dest / "mutants").is_dir():
+        raise SystemExit(f"mutate: no earlier run of {group!r} in {dest}: run the group without --resume first")
+    changed = sync_tree(dest, files, tests)
+    print(f"mutate: {group}: copied {len(changed)} changed file(s) into {dest}", flush=True)
+    wall = _mutmut_run(group, dest, ONLY.get(group, []), "mutmut-resume.log")
+    survivors = [k for k, v in collect(dest).items() if v in ("survived", "no tests")]
+    if group in ONLY:
+        survivors = [k for k in survivors if any(fnmatch.fnmatchcase(k, g) for g in ONLY[group])]
+    if survivors:
+        wall += _mutmut_run(group, dest, survivors, "mutmut-survivors.log")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    source = f"working tree on {head.stdout.strip()} (resumed)"
+    return report(group, dest, source, _add_wall(dest, f"resume on {source}", wall, fresh=False), notes)
 
 
 def report_interrupted(group: str, notes: dict) -> dict:
@@ -222,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("groups", nargs="*", help=f"groups to run (default: all): {', '.join(GROUPS)}")
     ap.add_argument("--rev", default="HEAD", help="git revision to mutate (default HEAD)")
     ap.add_argument("--worktree", action="store_true", help="mutate the working tree instead of --rev")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue in the existing build/mutation/<group> with the working tree's tests and sources")
     ap.add_argument("--list", action="store_true", help="print the groups and exit")
     ap.add_argument("--collect-stopped", action="store_true",
                     help="write the reports of stopped runs from build/mutation/<group> (runs nothing)")
@@ -251,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / f"{g}.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
     for g in [] if args.renote or args.collect_stopped else (args.groups or list(GROUPS)):
         print(f"mutate: {g} ...", flush=True)
-        rep = run_group(g, None if args.worktree else args.rev, notes)
+        rep = resume_group(g, notes) if args.resume else run_group(g, None if args.worktree else args.rev, notes)
         (RESULTS / f"{g}.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
         t = rep["total"]
         print(f"mutate: {g}: {t['killed']}/{t['mutants']} killed ({100 * t['kill_rate']:.1f} %), "

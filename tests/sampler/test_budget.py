@@ -80,3 +80,42 @@ def test_epoch_helpers():
     m = s.metrics()
     assert m["sampler/p/a"] == 0.5 and m["sampler/epoch/a"] == 1.5 and m["sampler/epoch/b"] == 0.75
     assert s.steps_per_epoch() == pytest.approx(4.0)  # all_exhausted: 8 / (0.5 * 4)
+
+
+@pytest.mark.parametrize("stopping", ["first_exhausted", "all_exhausted"])
+def test_total_steps_replays_across_blocks(stopping):
+    """Budgets longer than one 256-step block: the replay carries the counts from block to block."""
+    s = make("proportional", sizes=[300, 900, 120], names=None, batch_size=2, num_epochs=2,
+             cfg_kw={"stopping_strategy": stopping})
+    n = len(list(s))
+    assert n > 3 * 256 and s.total_steps == n
+
+
+def test_total_steps_when_the_budget_ends_on_the_first_step_of_a_block():
+    """Seed 9 meets this budget at step 257: the first step of the second block counts the first block's draws."""
+    s = make("uniform", sizes=[100, 1000], names=None, batch_size=2, seed=9, num_epochs=2.57,
+             cfg_kw={"stopping_strategy": "first_exhausted"})
+    n = len(list(s))
+    assert n == 257 and s.total_steps == n
+
+
+# dynamic, floor 1/2, sizes (100, 300), 4 slots: p = (0.375, 0.625), one epoch of each task takes
+# 100 / 1.5 = 66.67 and 300 / 2.5 = 120 steps
+DYN = dict(sizes=[100, 300], names=None, batch_size=4)
+
+
+def test_dynamic_total_steps_follows_the_stopping_strategy():
+    first = make("dynamic", num_epochs=1, cfg_kw={"dynamic_floor": 0.5, "stopping_strategy": "first_exhausted"}, **DYN)
+    assert first.steps_per_epoch() == pytest.approx(200 / 3, rel=1e-12) and first.total_steps == 67
+    last = make("dynamic", num_epochs=1, cfg_kw={"dynamic_floor": 0.5}, **DYN)
+    assert last.steps_per_epoch() == 120.0 and last.total_steps == 120  # an exact product is not rounded up
+    tiny = make("dynamic", num_epochs=0.001, cfg_kw={"dynamic_floor": 0.5}, **DYN)
+    assert tiny.total_steps == 1  # ceil(0.12)
+
+
+def test_dynamic_total_steps_starts_from_the_weighted_prior():
+    """With task weights the dynamic start is the weighted prior: (100 * 3, 300 * 1) / 600 = (1/2, 1/2), so one
+    epoch of the larger task takes 300 / (0.5 * 4) = 150 steps (the unweighted (1/4, 3/4) would give 100)."""
+    s = make("dynamic", num_epochs=1, task_weights=[3.0, 1.0], cfg_kw={"dynamic_floor": 0.0}, **DYN)
+    assert s.probabilities.tolist() == [0.5, 0.5]
+    assert s.total_steps == 150 == math.ceil(s.steps_per_epoch())

@@ -1,7 +1,9 @@
 """The dynamic (DWA-style) balancer."""
 from __future__ import annotations
 
+import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -158,3 +160,128 @@ def test_conflict_weight_scales_the_conflict_term(beta):
     np.testing.assert_allclose(s.probabilities, w / w.sum(), rtol=1e-12)
     if beta == 0.0:
         np.testing.assert_allclose(s.probabilities, [1 / 3] * 3, rtol=1e-12)
+
+
+def _balancer(sizes, **cfg_kw):
+    return DynamicBalancer(np.array(sizes), SamplerConfig(strategy="dynamic", **cfg_kw))
+
+
+def test_fresh_balancer_has_neutral_ratios():
+    np.testing.assert_array_equal(make("dynamic").loss_ratios, np.ones(4))
+
+
+def test_observe_reports_whether_it_reweighted():
+    b = _balancer([1, 1], dynamic_interval=2)
+    assert [b.observe([1.0, 1.0], step) for step in (1, 2, 3, 4)] == [False, True, False, True]
+
+
+def test_zero_old_window_gives_a_neutral_ratio():
+    """r_t = 1 when the older window's mean is not positive (no division by 0)."""
+    b = _balancer([1, 1], dynamic_interval=1, dynamic_window=1)
+    b.observe([0.0, 1.0], 1)
+    b.observe([0.5, 0.5], 2)
+    assert b.loss_ratios().tolist() == [1.0, 0.5]
+    assert b.ratios.tolist() == [1.0, 0.5]
+
+
+def test_array_losses_are_read_like_a_list():
+    """Any array of per-task losses is flattened; numeric text is read with float() on both paths."""
+    feeds = [[1.0, 2.0, 3.0, 4.0], [0.5, 2.0, 1.5, 4.0], [0.25, 2.5, 1.0, 4.0]]
+    kw = {"dynamic_interval": 1, "dynamic_window": 1}
+    ref, square, text = make("dynamic", cfg_kw=kw), make("dynamic", cfg_kw=kw), make("dynamic", cfg_kw=kw)
+    for step, losses in enumerate(feeds, start=1):
+        ref.update(losses, step=step)
+        square.update(np.array(losses).reshape(2, 2), step=step)
+        text.update(np.array([repr(x) for x in losses]), step=step)
+    assert square.state_dict() == ref.state_dict() and text.state_dict() == ref.state_dict()
+    assert ref.loss_ratios.tolist() == [0.5, 1.25, 2 / 3, 1.0]
+
+
+def test_conflict_means_for_one_and_two_tasks():
+    cfg = {"dynamic_signal": "loss_ratio+conflict"}
+    np.testing.assert_array_equal(_balancer([5], **cfg)._conflict_means(np.array([[1.0]])), np.zeros(1))
+    # an integer matrix is read as floats: c_t = C[t, 1 - t]
+    np.testing.assert_array_equal(_balancer([5, 5], **cfg)._conflict_means(np.array([[1, -1], [0, 1]])), [-1.0, 0.0])
+
+
+def test_the_last_conflict_matrix_is_kept_until_the_next():
+    c = np.array([[1.0, 0.5, -0.6], [0.5, 1.0, -0.4], [-0.6, -0.4, 1.0]])
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw={
+        "dynamic_interval": 1, "dynamic_window": 1, "dynamic_signal": "loss_ratio+conflict", "dynamic_floor": 0.0})
+    s.update([1.0, 1.0, 1.0], step=1, conflict=c)
+    s.update([1.0, 1.0, 1.0], step=2)  # no matrix this step
+    cbar = np.array([(0.5 - 0.6) / 2, (0.5 - 0.4) / 2, (-0.6 - 0.4) / 2])
+    w = np.exp(1.0 - cbar)
+    np.testing.assert_allclose(s.probabilities, w / w.sum(), rtol=1e-12)
+
+
+def test_loss_ratio_signal_ignores_stored_cosines():
+    """beta = 0 for loss_ratio: cosines in a loaded state do not move the probabilities."""
+    src = _balancer([1, 3], dynamic_signal="loss_ratio+conflict", dynamic_interval=1, dynamic_floor=0.0)
+    src.observe([1.0, 1.0], 1, conflict=np.array([[1.0, -0.5], [-0.5, 1.0]]))
+    assert src.conflict.tolist() == [-0.5, -0.5]
+    b = _balancer([1, 3], dynamic_interval=1, dynamic_floor=0.0)
+    state = src.state_dict()
+    state["conflict"] = [-0.5, 0.5]
+    b.load_state_dict(state)
+    b.reweight(2)
+    np.testing.assert_allclose(b.probabilities, [0.25, 0.75], rtol=1e-12)
+
+
+def test_tiny_tau_does_not_overflow():
+    """exp(s_t / tau - max): tau = 1e-3 puts logits near 1000 without overflow."""
+    s = make("dynamic", sizes=EQUAL, names=None, cfg_kw={
+        "dynamic_interval": 1, "dynamic_window": 1, "dynamic_floor": 0.0, "dynamic_tau": 1e-3})
+    s.update([1.0, 1.0, 1.0], step=1)
+    s.update([1.0, 0.5, 0.25], step=2)
+    w = np.exp((np.array([1.0, 0.5, 0.25]) - 1.0) / 1e-3)
+    np.testing.assert_allclose(s.probabilities, w / w.sum(), rtol=1e-12)
+
+
+def test_history_keeps_the_last_1000_reweightings():
+    b = _balancer([1, 1], dynamic_interval=1, dynamic_window=1)
+    for step in range(1, 1006):
+        b.observe([1.0, 1.0], step)
+    assert len(b.history) == 1000
+    assert b.history[0]["step"] == 6 and b.history[-1]["step"] == 1005
+
+
+def test_zero_weight_task_has_only_the_floor_and_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = make("dynamic", sizes=EQUAL, names=None, task_weights=[0.0, 1.0, 1.0],
+                 cfg_kw={"dynamic_interval": 1, "dynamic_window": 1})
+        s.update([1.0, 1.0, 1.0], step=1)
+    np.testing.assert_allclose(s.probabilities, [0.05 / 3, 0.95 / 2 + 0.05 / 3, 0.95 / 2 + 0.05 / 3], rtol=1e-12)
+
+
+def test_balancer_state_round_trip_is_exact():
+    kw = {"dynamic_interval": 3, "dynamic_window": 2}
+    a = make("dynamic", cfg_kw=kw)
+    for step in range(7):
+        a.update(loss_feed(step, 4), step=step + 1)
+    b = make("dynamic", cfg_kw=kw)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.state_dict() == a.state_dict()
+    assert all(len(h) == 4 for h in b.state_dict()["dynamic"]["losses"])
+
+
+def test_malformed_dynamic_state_is_rejected():
+    good = make("dynamic").state_dict()
+    for key, value in [("conflict", ["x"] * 4), ("ratios", ["x"] * 4), ("probabilities", ["x"] * 4), ("losses", 5)]:
+        state = json.loads(json.dumps(good))
+        state["dynamic"][key] = value
+        with pytest.raises(SamplerError, match=r"^sampler state 'dynamic' is malformed \(.+\): "
+                                               r"pass the dict from state_dict\(\)$"):
+            make("dynamic").load_state_dict(state)
+    for key, value in [("losses", [[]] * 3), ("conflict", [0.0] * 3), ("ratios", [1.0] * 3),
+                       ("probabilities", [0.25] * 3)]:
+        state = json.loads(json.dumps(good))
+        state["dynamic"][key] = value
+        with pytest.raises(SamplerError, match=r"^sampler state 'dynamic' is for a different number of tasks than 4$"):
+            make("dynamic").load_state_dict(state)
+    state = json.loads(json.dumps(good))
+    state["dynamic"] = None
+    with pytest.raises(SamplerError, match=r"^sampler state has no 'dynamic' section: "
+                                           r"it was saved by a non-dynamic sampler$"):
+        make("dynamic").load_state_dict(state)

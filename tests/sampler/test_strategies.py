@@ -1,12 +1,15 @@
 """Target distributions of the static strategies and the empirical task frequencies."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 import pytest
 
 from rlora.config import SamplerConfig
-from rlora.sampler import SamplerError, SamplerWarning, compute_probabilities, steps_per_epoch
-from rlora.sampler.strategies import proportional
+from rlora.sampler import SamplerError, SamplerWarning, TaskSampler, compute_probabilities, steps_per_epoch
+from rlora.sampler.strategies import proportional, validate_task_sizes
 
 from .conftest import NAMES, SIZES, make, make_cfg
 
@@ -169,3 +172,52 @@ def test_task_weights_are_refused_where_there_is_nothing_to_weight(strategy):
                        match=rf"^data.tasks\[\].weight does not combine with sampler.strategy={strategy}"):
         make(strategy, task_weights=W)
     make(strategy, task_weights=[1.0] * 4)  # all ones: no weighting, accepted
+
+
+def test_defaults_are_one_rank_and_seed_0():
+    cfg = make_cfg("uniform")
+    s = TaskSampler(SIZES, cfg, batch_size=4)
+    assert (s.world_size, s.rank, s.seed) == (1, 0, 0)
+    ref = TaskSampler(SIZES, cfg, batch_size=4, rank=0, world_size=1, seed=0)
+    assert [s.next_batch() for _ in range(5)] == [ref.next_batch() for _ in range(5)]
+
+
+def test_probabilities_summing_to_one_give_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = compute_probabilities(SIZES, make_cfg("probabilities"), NAMES)
+    np.testing.assert_allclose(p, [0.1, 0.2, 0.3, 0.4], rtol=1e-12)
+
+
+def _normalisation_warning():
+    cfg = SamplerConfig(strategy="probabilities", probabilities={"a": 1.0, "b": 2.0})
+    with pytest.warns(SamplerWarning) as record:
+        compute_probabilities([5, 5], cfg, ["a", "b"])
+    assert len(record) == 1
+    return record[0]
+
+
+def test_normalisation_warning_text():
+    """The normalised probabilities are rounded to 6 decimals."""
+    w = _normalisation_warning()
+    assert str(w.message) == "sampler.probabilities sum to 3, not 1: normalised to [0.333333, 0.666667]"
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ,
+                    reason="under mutmut every call passes through extra trampoline frames, so stacklevel points there")
+def test_normalisation_warning_points_at_the_caller():
+    assert _normalisation_warning().filename == __file__
+
+
+def test_task_cdf_ends_at_exactly_one():
+    """Ten tasks of 1/10 sum to 0.9999999999999999; the CDF is divided by its last entry so no uniform can
+    fall past the last task."""
+    s = make("uniform", sizes=[3] * 10, names=None)
+    assert np.cumsum(s.probabilities)[-1] < 1.0 and s._cdf[-1] == 1.0
+    np.testing.assert_array_equal(s._cdf, np.cumsum(s.probabilities) / np.cumsum(s.probabilities)[-1])
+
+
+def test_task_sizes_are_int64_whatever_integers_they_came_as():
+    for given in ([np.int8(5), np.int8(7)], [np.uint64(5), np.uint64(7)], (5, 7)):
+        sizes, names = validate_task_sizes(given)
+        assert sizes.dtype == np.int64 and sizes.tolist() == [5, 7] and names == ["0", "1"]
