@@ -174,6 +174,12 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[Example], batc
                     on_rows(len(examples))
     finally:
         model.train(was_training)
+    return _score_rows(examples, scored, generated, length_normalized, return_details)
+
+
+def _score_rows(examples: Sequence[Example], scored, generated: Mapping[int, str], length_normalized: bool,
+                return_details: bool) -> dict:
+    """The metrics of one task from its option scores (and generated texts of its free-form rows)."""
     nll, tokens = 0.0, 0
     predictions, scores, row_correct = [], [], []
     for i, (ex, opts) in enumerate(zip(examples, scored)):
@@ -212,6 +218,10 @@ def evaluate_tasks(model, tokenizer, tasks: Mapping[str, Sequence[Example]], tas
     ``task_names``). With ``world_size > 1`` each rank scores its :func:`shard` of every task; combine
     the ranks' results per task with :func:`merge_metrics`. ``max_examples_per_task`` keeps the first rows.
 
+    Tasks whose rows all have options and that are in ``task_names`` are scored together, their rows
+    sharing batches (each routed to its task): with many small tasks one task at a time costs a forward
+    pass per task even for 2 rows. Free-form tasks and unrouted ones go one at a time.
+
     Each task's metrics are those of :func:`evaluate_multiple_choice` plus ``row_index``: the position
     of each scored row among the task's (first ``max_examples_per_task``) rows, so that the per-row
     lists ``row_ids`` / ``row_correct`` of the shards merge back into the original row order.
@@ -224,14 +234,50 @@ def evaluate_tasks(model, tokenizer, tasks: Mapping[str, Sequence[Example]], tas
                 for name, exs in tasks.items()}
     results: dict[str, dict] = {}
     with tqdm(total=sum(len(v) for v in selected.values()), desc="eval", unit="ex", disable=not progress) as bar:
+        # option rows of routed tasks: scored together, batches mixing tasks (one id per row)
+        batched = [n for n, exs in selected.items() if n in names and exs and all(ex.options is not None
+                                                                                   for _, ex in exs)]
+        if len(batched) > 1:
+            results.update(_evaluate_across_tasks(model, tokenizer, {n: [ex for _, ex in selected[n]] for n in batched},
+                                                  names, batch_size, length_normalized, max_length,
+                                                  use_chat_template, templates, bar.update))
+        for name in batched if len(batched) > 1 else ():
+            results[name]["row_index"] = [i for i, _ in selected[name]]
         for name, exs in selected.items():
+            if name in results:
+                continue
             bar.set_postfix_str(name)
             results[name] = evaluate_multiple_choice(
                 model, tokenizer, [ex for _, ex in exs], batch_size=batch_size, length_normalized=length_normalized,
                 max_length=max_length, task_id=names.index(name) if name in names else None,
                 use_chat_template=use_chat_template, template=templates.get(name), on_rows=bar.update)
             results[name]["row_index"] = [i for i, _ in exs]
-    return results
+    return {name: results[name] for name in selected}
+
+
+def _evaluate_across_tasks(model, tokenizer, tasks: Mapping[str, Sequence[Example]], names: Sequence[str],
+                           batch_size: int, length_normalized: bool, max_length: int, use_chat_template: bool,
+                           templates: Mapping[str, Optional[str]], on_rows) -> dict[str, dict]:
+    """:func:`evaluate_multiple_choice` of every task in ``tasks`` (option rows only), with the rows of
+    all tasks in one :func:`score_options` call: a forward holds up to ``batch_size`` rows whatever
+    their task, each routed to its own (at 200 tasks of 2 dev rows, ~13x fewer forwards than one task
+    at a time). The same scores up to float rounding (batch composition changes padding)."""
+    rows, ids, spans = [], [], {}
+    for name, exs in tasks.items():
+        start = len(rows)
+        rows += _prepare_rows(tokenizer, exs, max_length, use_chat_template, templates.get(name))
+        ids += [names.index(name)] * len(exs)
+        spans[name] = (start, len(rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            scored = score_options(model, rows, pad, batch_size, max_length, ids, None, on_rows)
+    finally:
+        model.train(was_training)
+    return {name: _score_rows(list(tasks[name]), scored[a:b], {}, length_normalized, False)
+            for name, (a, b) in spans.items()}
 
 
 def macro_average(results: Mapping[str, Mapping]) -> dict[str, float]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -73,15 +73,29 @@ class Row:
 # ----------------------------------------------------------------------------------------------
 # model plumbing
 # ----------------------------------------------------------------------------------------------
-def task_context(task_id: Optional[int], batch: int, device: torch.device):
-    """``rlora.task_ids`` with ``batch`` copies of ``task_id`` (nothing when ``task_id`` is None)."""
+def task_context(task_id, batch: int, device: torch.device):
+    """``rlora.task_ids`` with ``batch`` copies of ``task_id``, or with ``task_id`` itself when it is a
+    tensor of one id per sequence (nothing when ``task_id`` is None)."""
     if task_id is None:
         return contextlib.nullcontext()
     try:
         from rlora.context import task_ids
     except ImportError:  # adapters not available: the base model has nothing to route
         return contextlib.nullcontext()
+    if isinstance(task_id, torch.Tensor):
+        return task_ids(task_id.to(device=device, dtype=torch.long))
     return task_ids(torch.full((batch,), int(task_id), dtype=torch.long, device=device))
+
+
+def _row_tasks(task_id, n: int) -> tuple[Optional[int], Optional[list[int]]]:
+    """(one task id for every row, or None; else the list of per-row ids). A sequence of equal ids is
+    one id, so that a one-task call runs exactly the forwards it ran before per-row ids existed."""
+    if task_id is None or isinstance(task_id, int):
+        return task_id, None
+    ids = [int(t) for t in task_id]
+    if len(ids) != n:
+        raise ValueError(f"score_options: {len(ids)} task ids for {n} rows: give one id per row")
+    return (ids[0], None) if len(set(ids)) == 1 else (None, ids)
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -254,12 +268,18 @@ def _tree_stage(rows: Sequence[Row], c: int, own: Sequence[int], pad_id: int):
 
 
 def _score_group(model, split, rows: Sequence[Row], c: int, prefix: Optional[KV], pad_id: int,
-                 task_id: Optional[int]) -> list[list[float]]:
-    """log-prob of every trie node of every row in ``rows`` (one prompt forward + one tree forward)."""
+                 task_id, prefix_rows: Optional[list[int]] = None) -> list[list[float]]:
+    """log-prob of every trie node of every row in ``rows`` (one prompt forward + one tree forward).
+    ``task_id``: one id, or a tensor of one id per row; ``prefix_rows``: each row's entry of a prefix
+    computed once per task (None: the prefix has one entry, shared by every row)."""
     device, _ = model_device_dtype(model)
     B = len(rows)
     ids, allowed, pos, own = _prompt_stage(rows, c, pad_id)
-    past = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix] if prefix else None
+    if prefix and prefix_rows is not None:
+        sel = torch.tensor(prefix_rows, device=prefix[0][0].device)
+        past = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in prefix]
+    else:
+        past = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix] if prefix else None
     states, kv = _forward(model, split, ids, allowed, pos, past, task_id, need_cache=True)
     sources = [states[torch.arange(B, device=states.device), torch.tensor(own, device=states.device) - 1]]
     source_of: dict[tuple[int, int], int] = {}                    # (row, internal node) -> source index
@@ -268,7 +288,8 @@ def _score_group(model, split, rows: Sequence[Row], c: int, prefix: Optional[KV]
         sel = bin_row.to(kv[0][0].device)
         past = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv]
         del kv
-        states, _ = _forward(model, split, ids, allowed, pos, past, task_id, need_cache=False)
+        bin_tasks = task_id[bin_row.to(task_id.device)] if isinstance(task_id, torch.Tensor) else task_id
+        states, _ = _forward(model, split, ids, allowed, pos, past, bin_tasks, need_cache=False)
         del past
         s_idx = torch.tensor([s for _, _, s, _ in slots], device=states.device)
         j_idx = torch.tensor([j for _, _, _, j in slots], device=states.device)
@@ -289,19 +310,26 @@ def _score_group(model, split, rows: Sequence[Row], c: int, prefix: Optional[KV]
 
 
 def _score_tree(model, rows: Sequence[Row], pad_id: int, batch_size: int, max_length: int,
-                task_id: Optional[int], on_rows) -> list[list[tuple[float, int]]]:
+                task_id, on_rows) -> list[list[tuple[float, int]]]:
     split = decoder_and_head(model)
+    one, per_row = _row_tasks(task_id, len(rows))
     c = shared_prefix_length(rows)
-    prefix = None
-    if c:
-        ids = torch.tensor([rows[0].prompt[:c]], dtype=torch.long)
-        allowed = torch.ones(c, c, dtype=torch.bool).tril()[None]
-        _, prefix = _forward(model, split, ids, allowed, torch.arange(c)[None], None, task_id, need_cache=True)
+    prefix, distinct = None, None
+    if c:  # the prefix's keys/values depend on the task's adapter: once per task present
+        distinct = sorted(set(per_row)) if per_row is not None else None
+        n = len(distinct) if distinct else 1
+        ids = torch.tensor([rows[0].prompt[:c]] * n, dtype=torch.long)
+        allowed = torch.ones(c, c, dtype=torch.bool).tril()[None].expand(n, c, c)
+        tasks = torch.tensor(distinct) if distinct else one
+        _, prefix = _forward(model, split, ids, allowed, torch.arange(c)[None].expand(n, c), None, tasks,
+                             need_cache=True)
     costs = [len(r.prompt) - c + len(r.trie.internal) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -costs[i])
     out: list[list[tuple[float, int]]] = [[] for _ in rows]
     for group in _batches_by_budget(order, costs, batch_size, batch_size * max_length):
-        node_lp = _score_group(model, split, [rows[i] for i in group], c, prefix, pad_id, task_id)
+        tasks = torch.tensor([per_row[i] for i in group]) if per_row is not None else one
+        where = [distinct.index(per_row[i]) for i in group] if distinct else None
+        node_lp = _score_group(model, split, [rows[i] for i in group], c, prefix, pad_id, tasks, where)
         for i, lp in zip(group, node_lp):
             out[i] = [(sum(lp[n] for n in path), len(path)) for path in rows[i].trie.paths]
         if on_rows:
@@ -346,8 +374,9 @@ def _plain_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, devic
 
 
 def _score_plain(model, rows: Sequence[Row], pad_id: int, batch_size: int, max_length: int,
-                 task_id: Optional[int], on_rows) -> list[list[tuple[float, int]]]:
+                 task_id, on_rows) -> list[list[tuple[float, int]]]:
     device, _ = model_device_dtype(model)
+    one, per_row = _row_tasks(task_id, len(rows))
     out: list[list[tuple[float, int]]] = [[(0.0, len(o)) for o in r.options] for r in rows]
     pairs = [(i, k) for i, r in enumerate(rows) for k in range(len(r.options))]
     lengths = [len(rows[i].prompt) + len(rows[i].options[k]) for i, k in pairs]
@@ -356,7 +385,8 @@ def _score_plain(model, rows: Sequence[Row], pad_id: int, batch_size: int, max_l
     for group in _batches_by_budget(order, lengths, batch_size, batch_size * max_length):
         seqs = [(rows[pairs[j][0]].prompt, rows[pairs[j][0]].options[pairs[j][1]]) for j in group]
         ids, mask, pos, b_idx, src, tok = _plain_batch(seqs, pad_id, device)
-        with task_context(task_id, len(group), device):
+        tasks = torch.tensor([per_row[pairs[j][0]] for j in group]) if per_row is not None else one
+        with task_context(tasks, len(group), device):
             lp = _token_logprobs(model, ids, mask, pos, b_idx, src, tok)
         sums = [0.0] * len(group)
         for b, v in zip(b_idx.tolist(), lp.tolist()):
@@ -387,11 +417,13 @@ def _batches_by_budget(order: Sequence[int], lengths: Sequence[int], batch_size:
 
 
 def score_options(model, rows: Sequence[Row], pad_id: int, batch_size: int, max_length: int,
-                  task_id: Optional[int] = None, packed: Optional[bool] = None,
+                  task_id: Optional[Union[int, Sequence[int]]] = None, packed: Optional[bool] = None,
                   on_rows: Optional[Callable[[int], None]] = None) -> list[list[tuple[float, int]]]:
     """``(sum log-prob, number of tokens)`` for every option of every row. ``packed`` chooses the tree
     layout (default: when the attention kernel takes a 4-D mask) or the plain layout. A batch holds
-    at most ``batch_size`` rows and about ``batch_size * max_length`` fed tokens."""
+    at most ``batch_size`` rows and about ``batch_size * max_length`` fed tokens. ``task_id``: one task
+    for every row, or one per row (rows of many tasks share batches; each sequence is routed to its own
+    task, the shared prefix runs once per task)."""
     if not rows:
         return []
     packed = supports_packing(model) if packed is None else packed

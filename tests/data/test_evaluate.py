@@ -130,8 +130,58 @@ def test_evaluate_tasks_routes_each_task(tiny_model, smol_tokenizer):
     finally:
         hook.remove()
     assert list(res) == ["b", "a", "other"] and [r["n"] for r in res.values()] == [2, 2, 1]
-    ids = [None if t is None else t[0].item() for t in seen]
-    assert [k for k, _ in itertools.groupby(ids)] == [1, 0, None]         # every forward of a task: its id
+    # "a" and "b" share forwards (the prefix once per task, then one prompt and one tree forward for their 4
+    # rows), each sequence with its own task's id; "other" (not in task_names) runs alone, unrouted
+    ids = [None if t is None else sorted(t.tolist()) for t in seen]
+    assert ids[:2] == [[0, 1], [0, 0, 1, 1]] and sorted(set(ids[2])) == [0, 1] and len(ids) == 3 + 3
+    assert ids[3:] == [None] * 3
+
+
+def _randomised_mtl(tok, tasks):
+    import rlora
+    from helpers import tiny_llama
+
+    model = rlora.inject(tiny_llama(vocab=len(tok), hidden=32),
+                         rlora.AdapterConfig(method="mtl", r=4, num_heads=3, alpha=8, tasks=list(tasks),
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in rlora.adapter_layers(model):
+            for name, p in layer.named_parameters():
+                if not name.startswith("base"):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_tasks_scored_together_equal_one_task_at_a_time(smol_tokenizer, packed, monkeypatch):
+    """Rows of 12 tasks share batches, each routed to its task: the same per-row correctness and option scores
+    as one task at a time (up to float rounding), in 4x fewer forwards with the tree layout here (2 rows per task,
+    batches of 8)."""
+    from rlora.data import scoring
+
+    names = [f"t{i}" for i in range(12)]
+    model = _randomised_mtl(smol_tokenizer, names)
+    tasks = {n: _examples(2, seed=40 + i) for i, n in enumerate(names)}
+    real = scoring.score_options
+    monkeypatch.setattr("rlora.data.evaluate.score_options",
+                        lambda *a, **k: real(*a[:6], packed, *a[7:], **k) if len(a) > 6 else real(*a, **k))
+    forwards = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a: forwards.append(1))
+    together = evaluate_tasks(model, smol_tokenizer, tasks, names, batch_size=8, progress=False)
+    n_together = len(forwards)
+    alone = {n: evaluate_multiple_choice(model, smol_tokenizer, tasks[n], batch_size=8, task_id=i,
+                                         packed=packed, return_details=True) for i, n in enumerate(names)}
+    hook.remove()
+    n_alone = len(forwards) - n_together
+    for n in names:
+        assert together[n]["row_correct"] == alone[n]["row_correct"] and together[n]["n"] == 2
+        assert together[n]["nll_sum"] == pytest.approx(alone[n]["nll_sum"], abs=1e-4)
+        assert together[n]["row_index"] == [0, 1]
+    # tree layout: 3 forwards per task alone; plain layout: its (row, option) batches fill up either way
+    assert n_alone >= (4 if packed else 1) * n_together, (n_alone, n_together)
+    wrong = evaluate_multiple_choice(model, smol_tokenizer, tasks["t0"], batch_size=8, task_id=5, packed=packed)
+    assert wrong["nll_sum"] != pytest.approx(alone["t0"]["nll_sum"], abs=1e-3)  # routing matters here
 
 
 def test_prefix_tree_shares_common_prefixes(tiny_model, smol_tokenizer):

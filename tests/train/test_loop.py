@@ -165,10 +165,10 @@ def test_per_device_eval_batch_size_sets_the_rows_per_forward(tiny_model_dir, ta
     calls = count_eval_forwards(model)
     fit(knob_cfg(tiny_model_dir, task_dir, tmp_path, trainer__per_device_eval_batch_size=batch,
                  eval__max_examples_per_task=4), model=model)
-    # 3 tasks x 4 dev rows; per task one forward of the prompts' shared prefix, then two per batch of rows
-    # (their prompts, then their options): 4 batches of 1 row, or 1 batch of 4
-    batches = 4 if batch == 1 else 1
-    assert len(calls) == 3 * (1 + 2 * batches)
+    # 3 tasks x 4 dev rows, scored together: one forward of the prompts' shared prefix (a batch of one per
+    # task), then two per batch of rows (their prompts, then their options): 12 batches of 1 row, or 1 of 12
+    batches = 12 if batch == 1 else 1
+    assert len(calls) == 1 + 2 * batches
 
 
 def count_train_forwards(module):
