@@ -13,20 +13,23 @@ subsets **rotate**:
 * **Budget.** With ``f = diagnostics.max_time_fraction`` (default 0.10), ``S`` the training seconds so
   far (wall time of the loop less diagnostics, mid-run evaluation and checkpoints) and ``D`` the seconds
   all diagnostics passes took so far, a pass may spend ``A = f·S − D`` (savings of earlier passes carry
-  over, overruns are paid back). With ``g`` the fixed part of a pass (head geometry, metrics, plots: the
-  last pass's time less its probe) and ``p`` the seconds per probed task (the last pass's; before any
+  over, overruns are paid back). With ``g`` the fixed part of a pass (head geometry, metrics, data files:
+  the last pass's time less its probe and figures), ``φ`` the seconds of the PNG figures (the last drawn;
+  before any, :data:`FIGURES_GUESS_S`) and ``p`` the seconds per probed task (the last pass's; before any
   pass, a training step's seconds scaled by probe rows / step rows),
 
-      k = clamp(⌊(A − g) / p⌋, min(T, MIN_PROBE_TASKS), T).
+      k = clamp(⌊(A − g − φ) / p⌋, floor, T),   floor = min(T, MIN_PROBE_TASKS) in a run's first pass
+                                                 and whenever T <= MIN_PROBE_TASKS, else 0.
 
   The PNG figures of a pass (the bulk of ``g``; their data, .json and .csv, are always written) are
   drawn when the allowance left after the probe covers them (the last drawn figures' seconds; before
   any, :data:`FIGURES_GUESS_S`), and in the last pass of a run that has drawn none yet (so every run
   has one set).
 
-  Below :data:`MIN_PROBE_TASKS` tasks every pass probes all of them (small runs are exact and their
-  conflict signal does not depend on timing); a pass held to the floor can overrun its share, which the
-  next passes pay back. ``f = None`` probes every task every pass.
+  Up to :data:`MIN_PROBE_TASKS` tasks every pass probes all of them (small runs are exact and their
+  conflict signal does not depend on timing); with more, the first pass probes at least that many (every
+  run gets a matrix) and can overrun its share, which later passes pay back (k = 0: that pass has no
+  probe, the sampler keeps the latest matrix). ``f = None`` probes every task every pass.
 
 **What the estimate is, and its error.** Entries of the probed k x k block are exact: the same cosines a
 full pass at that step would give (the same model, the same probe rows). The matrix handed to the
@@ -62,9 +65,9 @@ def row_mean_standard_error(sigma: float, k: int, num_tasks: int) -> float:
 
 
 def tasks_within_budget(num_tasks: int, fraction: Optional[float], train_s: float, spent_s: float, fixed_s: float,
-                        per_task_s: float) -> int:
-    """k of the module docstring: how many tasks the next pass probes."""
-    floor = min(num_tasks, MIN_PROBE_TASKS)
+                        per_task_s: float, first: bool = True) -> int:
+    """k of the module docstring: how many tasks the next pass probes (``fixed_s`` = g + φ)."""
+    floor = min(num_tasks, MIN_PROBE_TASKS) if first or num_tasks <= MIN_PROBE_TASKS else 0
     if fraction is None:
         return num_tasks
     allowance = fraction * max(train_s, 0.0) - spent_s - fixed_s
@@ -112,7 +115,9 @@ class ProbePlan:
         """k for the next pass (see :func:`tasks_within_budget`); ``step_s`` seconds of one training step
         of ``step_rows`` rows give the per-task estimate before any pass was measured."""
         per_task = self.per_task_s if self.per_task_s is not None else step_s * probe_rows / max(step_rows, 1)
-        return tasks_within_budget(self.num_tasks, fraction, train_s, self.spent_s, self.fixed_s or 0.0, per_task)
+        figures = self.figures_s if self.figures_s is not None else FIGURES_GUESS_S
+        return tasks_within_budget(self.num_tasks, fraction, train_s, self.spent_s, (self.fixed_s or 0.0) + figures,
+                                   per_task, first=self.passes == 0)
 
     def draw_figures(self, fraction: Optional[float], train_s: float, pass_s: float, last: bool) -> bool:
         """Whether this pass (``pass_s`` seconds so far) draws its PNGs (module docstring)."""

@@ -180,8 +180,10 @@ def start_run(cfg: RunConfig, config_yaml: Optional[str], local: bool, verbose: 
         run["tracking_uri"] = uri
         say(f"[rlora] MLflow run {run['mlflow_run_id']} ({'continued' if resumed else 'new'}) at {uri}")
     where = "this process" if local else f"{cfg.ray.num_workers} Ray workers"
+    tasks = cfg.adapter.tasks if len(cfg.adapter.tasks) <= SUMMARY_ABOVE else \
+        f"{cfg.adapter.tasks[0]} .. {cfg.adapter.tasks[-1]} ({len(cfg.adapter.tasks)} tasks)"
     say(f"[rlora] run {run_name}: {where}, ZeRO-{cfg.deepspeed.stage}, method {cfg.adapter.method}, "
-        f"tasks {cfg.adapter.tasks}; checkpoints in {storage}/{run_name}")
+        f"tasks {tasks}; checkpoints in {storage}/{run_name}")
     return cfg, run, uri
 
 

@@ -35,6 +35,8 @@ def test_tasks_within_budget():
     assert tasks_within_budget(200, 0.1, train_s=100, spent_s=2, fixed_s=1, per_task_s=0.5) == 14
     assert tasks_within_budget(200, 0.2, train_s=100, spent_s=2, fixed_s=1, per_task_s=0.5) == 34
     assert tasks_within_budget(200, 0.1, train_s=1, spent_s=2, fixed_s=1, per_task_s=0.5) == MIN_PROBE_TASKS
+    assert tasks_within_budget(200, 0.1, train_s=1, spent_s=2, fixed_s=1, per_task_s=0.5, first=False) == 0
+    assert tasks_within_budget(6, 0.1, train_s=1, spent_s=2, fixed_s=1, per_task_s=0.5, first=False) == 6
     assert tasks_within_budget(200, 0.1, train_s=1e4, spent_s=0, fixed_s=0, per_task_s=0.5) == 200
     assert tasks_within_budget(200, None, train_s=0, spent_s=9, fixed_s=9, per_task_s=9) == 200
     assert tasks_within_budget(5, 0.1, train_s=0, spent_s=9, fixed_s=9, per_task_s=9) == 5  # below the floor: all
@@ -42,11 +44,12 @@ def test_tasks_within_budget():
 
 def test_plan_estimates_a_task_from_the_step_time_then_from_the_last_pass():
     plan = ProbePlan(100)
-    # before any pass: a task = a 4-row step (2 s) scaled to 2 probe rows = 1 s; 0.1 * 200 s = 20 tasks
-    assert plan.choose(0.1, train_s=200.0, step_s=2.0, probe_rows=2, step_rows=4) == 20
+    # before any pass: a task = a 4-row step (2 s) scaled to 2 probe rows = 1 s; 0.1 * 200 s - 3 s of figures
+    assert plan.choose(0.1, train_s=200.0, step_s=2.0, probe_rows=2, step_rows=4) == 17
     plan.record(pass_s=9.0, probe_s=5.0, probed=20, figures_s=3.0)          # 0.25 s a task, 1 s fixed
     assert (plan.per_task_s, plan.fixed_s, plan.figures_s, plan.spent_s) == (0.25, 1.0, 3.0, 9.0)
-    assert plan.choose(0.1, train_s=200.0, step_s=2.0, probe_rows=2, step_rows=4) == 40   # (20 - 9 - 1) / 0.25
+    assert plan.choose(0.1, train_s=200.0, step_s=2.0, probe_rows=2, step_rows=4) == 28   # (20 - 9 - 1 - 3) / 0.25
+    assert plan.choose(0.1, train_s=100.0, step_s=2.0, probe_rows=2, step_rows=4) == 0    # spent: no probe
     assert plan.draw_figures(0.1, train_s=200.0, pass_s=7.0, last=False)             # 20 - 9 - 7 = 4 >= 3
     assert not plan.draw_figures(0.1, train_s=200.0, pass_s=9.0, last=False)         # 2 < 3
     assert not plan.draw_figures(0.1, train_s=200.0, pass_s=9.0, last=True)          # figures drawn before
