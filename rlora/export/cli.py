@@ -68,7 +68,7 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     src_help = "adapter dir, checkpoint/training output dir holding adapter/, or an MLflow run id"
     e = sub.add_parser("export", help="export an adapter as a PEFT adapter, a merged HF model, or the full adapter")
     e.add_argument("source", help=src_help)
-    e.add_argument("--task", help="the task to export (required for mtl, hydra, rlora; ignored for lora)")
+    e.add_argument("--task", help="the task to export (required for mtl, hydra, rlora; ignored for lora and align)")
     e.add_argument("--format", choices=["peft", "merged", "multihead"], default="peft")
     e.add_argument("--out", required=True, help="output directory (written atomically)")
     e.add_argument("--data", help="data directory (one folder per task): dev rows measure the gates and the error")

@@ -38,7 +38,7 @@ def _missing_ids_error(tasks: list[str]) -> AdapterError:
 
 
 class AdapterModel(PreTrainedModel):
-    """A causal LM with rlora adapters (every method: lora, hydra, rlora, mtl).
+    """A causal LM with rlora adapters (every method: lora, hydra, rlora, mtl, align).
 
     ``model(input_ids, attention_mask, labels, task_ids=t)``: ``t`` [batch] int task ids (MTL-LoRA
     needs them; an int or one id serves the whole batch). An inner ``task_ids=`` wins over an outer
