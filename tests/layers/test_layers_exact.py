@@ -30,7 +30,7 @@ def trained(layer):
 
 
 # ---------------------------------------------------------------------------------------- construction
-@pytest.mark.parametrize("method", ["lora", "hydra", "rlora"])
+@pytest.mark.parametrize("method", ["lora", "hydra", "rlora", "align"])
 def test_num_tasks_defaults_to_zero_and_is_passed_through(method):
     base = torch.nn.Linear(D_IN, D_OUT)
     assert LAYERS[method](base, cfg(method)).num_tasks == 0
@@ -119,6 +119,24 @@ def test_merged_forward_equals_the_adapter_forward(method, kw, task):
     assert torch.allclose(layer(x), want, atol=1e-5)                 # no task ids needed once merged
     layer.unmerge()
     assert torch.equal(layer.base.weight, w0) and layer.merged_task is None
+
+
+def test_merging_twice_is_an_error_and_unmerge_restores_w0_once():
+    torch.manual_seed(0)
+    layer = trained(LAYERS["lora"](torch.nn.Linear(D_IN, D_OUT), cfg("lora")))
+    w0 = layer.base.weight.detach().clone()
+    layer.merge()
+    merged = layer.base.weight.detach().clone()
+    with pytest.raises(AdapterError, match=r"^adapter is already merged: call rlora.unmerge\(model\) first$"):
+        layer.merge()
+    assert torch.equal(layer.base.weight, merged) and layer.merged_task is True      # the failed merge changed nothing
+    assert not layer.base.weight.requires_grad and layer.base.weight.grad_fn is None
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, w0) and layer._w0_backup is None
+    layer.unmerge()                                                                 # not merged: a no-op
+    assert torch.equal(layer.base.weight, w0) and layer.merged_task is None
+    layer.merge(0)                                                                  # task 0 is a task, not "no task"
+    assert layer.merged_task == 0 and layer.merged_task is not True
 
 
 def test_merge_errors():
@@ -331,3 +349,28 @@ def test_a_bf16_layer_keeps_its_rank_features_in_bf16(method):
     low = layer.to(torch.bfloat16)
     assert low.rank_features(x.bfloat16()).dtype == torch.bfloat16
     assert torch.allclose(low(x.bfloat16()).float(), ref, atol=0.05, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------- Align-LoRA
+class _AlignRoot(torch.nn.Module):
+    """What rlora.alignment.record_alignment looks for: a module in training mode carrying an align config."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.rlora_config = layer, cfg("align")
+
+
+def test_align_layer_hands_its_rank_features_to_the_open_recorder():
+    from rlora.alignment import record_alignment
+
+    torch.manual_seed(0)
+    layer = trained(LAYERS["align"](torch.nn.Linear(D_IN, D_OUT), cfg("align"))).train()
+    assert type(layer.align_memory) is dict and layer.align_memory == {}
+    x = torch.randn(2, 5, D_IN)
+    with record_alignment(_AlignRoot(layer), torch.ones(2, 5), torch.tensor([0, 1])) as rec:
+        out = layer(x)
+    (key, parts), = rec.features.items()
+    want = layer.scaling * x.reshape(-1, D_IN) @ layer.lora_A.detach().t()              # u = s A x  [10, r]
+    assert key is layer and len(parts) == 1 and torch.allclose(parts[0], want, atol=1e-6)
+    assert torch.allclose(out, layer.base(x) + want.view(2, 5, R) @ layer.lora_B[:, 0].detach().t(), atol=1e-5)
+
