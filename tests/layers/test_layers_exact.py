@@ -127,9 +127,10 @@ def test_merging_twice_is_an_error_and_unmerge_restores_w0_once():
     w0 = layer.base.weight.detach().clone()
     layer.merge()
     merged = layer.base.weight.detach().clone()
-    with pytest.raises(AdapterError, match=r"^adapter is already merged: call rlora.unmerge\(model\) first$"):
+    already = r"^adapter is already merged: call rlora.unmerge\(model\) first$"
+    with pytest.raises(AdapterError, match=already):
         layer.merge()
-    assert torch.equal(layer.base.weight, merged) and layer.merged_task is True      # the failed merge changed nothing
+    assert torch.equal(layer.base.weight, merged) and layer.merged_task is True      # the failed merge: no change
     assert not layer.base.weight.requires_grad and layer.base.weight.grad_fn is None
     layer.unmerge()
     assert torch.equal(layer.base.weight, w0) and layer._w0_backup is None

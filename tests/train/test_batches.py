@@ -1,5 +1,7 @@
 """rlora.train.batches: the left-padded micro-batch (exact tensors), its answer-token count, the batch the
-sampler's slots make, and forward_loss (what it passes to the model, its normalisation, its sums)."""
+sampler's slots make, and forward_loss (what it passes to the model, its normalisation, its sums, the Align-LoRA
+term)."""
+import pytest
 import torch
 import torch.nn.functional as F
 from types import SimpleNamespace
@@ -114,3 +116,50 @@ def test_left_padding_gives_each_row_its_unpadded_loss():
         alone.append(F.cross_entropy(logits[:-1], torch.tensor(row["labels"][1:]), ignore_index=X, reduction="sum"))
     assert c.tolist() == [2, 1]
     assert torch.allclose(s, torch.stack([alone[1], alone[0]]), atol=1e-5)
+
+
+class _AlignLM(torch.nn.Module):
+    """An embedding, one Align-LoRA layer as the LM head and the adapter config: what forward_loss needs."""
+
+    def __init__(self, lam):
+        super().__init__()
+        import rlora
+        from rlora.layers import AlignLoRALinear
+
+        torch.manual_seed(0)
+        self.rlora_config = rlora.AdapterConfig(method="align", r=2, alpha=4, dropout=0.0, align_lambda=lam)
+        self.emb = torch.nn.Embedding(16, 6)
+        self.head = AlignLoRALinear(torch.nn.Linear(6, 16), self.rlora_config)
+        with torch.no_grad():
+            self.head.lora_B.normal_()
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
+        return SimpleNamespace(logits=self.head(self.emb(input_ids))[:, -logits_to_keep:])
+
+
+class _Engine(torch.nn.Module):
+    """A DeepSpeed-engine-like wrapper: the model (and its config) is ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+
+def test_forward_loss_adds_lambda_times_the_alignment_term_in_training_and_records_it():
+    from rlora.alignment import AlignmentRecorder
+
+    engine = _Engine(_AlignLM(lam=0.5))
+    b, plain = left_padded_batch(ROWS, 0, [1, 0]), left_padded_batch(ROWS, 0, [1, 0])
+    loss, s, c = forward_loss(engine.train(), b, num_tasks=2)
+    loss0, s0, c0 = forward_loss(engine.eval(), plain, num_tasks=2)            # eval: no recorder, LoRA's loss
+    m = engine.module
+    ref = AlignmentRecorder(b["attention_mask"], b["task_ids"])
+    ref.add(m.head, m.head.scaling * m.emb(b["input_ids"]).reshape(-1, 6) @ m.head.lora_A.t())
+    term = ref.loss().item()
+    assert term > 0.01 and "align_loss" not in plain
+    assert b["align_loss"] == pytest.approx(term, rel=1e-5)
+    assert loss.item() == pytest.approx(loss0.item() + 0.5 * term, rel=1e-5)
+    assert torch.equal(s, s0) and torch.equal(c, c0)                          # the sums stay the LM loss's
