@@ -45,7 +45,6 @@ local, ZeRO 0-3, gradient checkpointing, bf16 autocast). A Hugging Face ``Traine
 from __future__ import annotations
 
 from contextlib import contextmanager
-from itertools import combinations
 from typing import Iterator, Optional
 
 import torch
@@ -67,6 +66,42 @@ def symmetric_kl(mu_p: torch.Tensor, var_p: torch.Tensor, mu_q: torch.Tensor, va
     return 0.25 * (vp / vq + vq / vp - 2.0 + d2 * (1.0 / vp + 1.0 / vq)).sum(dim=-1)
 
 
+def task_fits(z: torch.Tensor, tasks: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The Gaussian fit of every task with at least 2 tokens, for a stack of layers at once.
+
+    z [G, n, r] (G layers sharing these n tokens) and task ids [n] -> (the tasks [K], μ [G, K, r], σ² [G, K, r]),
+    in two passes (index_add of z, then of the centred squares; unbiased). A task with one token has no
+    variance: it is left out (its divisor is clamped first, so no inf or NaN reaches the gradient)."""
+    uniq, inv, counts = torch.unique(tasks, return_inverse=True, return_counts=True)
+    dim = z.dim() - 2
+    shape = (*z.shape[:dim], uniq.numel(), z.shape[-1])
+    mu = z.new_zeros(shape).index_add(dim, inv, z) / counts.to(z.dtype)[:, None]
+    dev = z - mu.index_select(dim, inv)
+    var = z.new_zeros(shape).index_add(dim, inv, dev * dev) / (counts - 1).clamp(min=1).to(z.dtype)[:, None]
+    keep = counts >= 2
+    return uniq[keep].tolist(), mu[..., keep, :], var[..., keep, :]
+
+
+def mean_pair_term(mu: torch.Tensor, var: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """The mean of D over the K(K−1)/2 pairs of fits μ, σ² [..., K, r] (K ≥ 2) -> [...]."""
+    k = mu.shape[-2]
+    vp, vq = var.unsqueeze(-2) + eps, var.unsqueeze(-3) + eps                  # [..., K, 1, r], [..., 1, K, r]
+    d2 = (mu.unsqueeze(-2) - mu.unsqueeze(-3)) ** 2
+    d = 0.25 * (vp / vq + vq / vp - 2.0 + d2 * (1.0 / vp + 1.0 / vq)).sum(dim=-1)   # [..., K, K]
+    a, b = torch.triu_indices(k, k, 1, device=mu.device)
+    return d[..., a, b].mean(dim=-1)
+
+
+def memory_term(task: int, mu: torch.Tensor, var: torch.Tensor,
+                memory: Optional[dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> Optional[torch.Tensor]:
+    """A lone task's fit (μ, σ² [r]) against the remembered fits of the other tasks: the mean of D, or None."""
+    others = [m for t, m in sorted((memory or {}).items()) if t != task]
+    if not others:
+        return None
+    mem_mu, mem_var = (torch.stack(x).to(mu.device, mu.dtype) for x in zip(*others))
+    return symmetric_kl(mu, var, mem_mu, mem_var).mean()
+
+
 def layer_alignment(z: torch.Tensor, tasks: torch.Tensor,
                     memory: Optional[dict[int, tuple[torch.Tensor, torch.Tensor]]] = None
                     ) -> tuple[Optional[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
@@ -75,18 +110,13 @@ def layer_alignment(z: torch.Tensor, tasks: torch.Tensor,
     Returns (the mean of D over the pairs, or None without a pair; the fits of the tasks present). With
     fewer than two tasks present, the pairs are (present task, remembered task) from ``memory``
     (task -> detached (μ, σ²)), other tasks only."""
-    fits = {}
-    for t in torch.unique(tasks).tolist():
-        zt = z[tasks == t]
-        if zt.shape[0] >= 2:
-            fits[int(t)] = gaussian_fit(zt)
-    if len(fits) >= 2:
-        pairs = [(fits[a], fits[b]) for a, b in combinations(sorted(fits), 2)]
-    else:
-        pairs = [(fit, m) for t, fit in fits.items() for s, m in sorted((memory or {}).items()) if s != t]
-    if not pairs:
-        return None, fits
-    return torch.stack([symmetric_kl(*p, *q) for p, q in pairs]).mean(), fits
+    ids, mu, var = task_fits(z.unsqueeze(0), tasks)
+    fits = {t: (mu[0, j], var[0, j]) for j, t in enumerate(ids)}
+    if len(ids) >= 2:
+        return mean_pair_term(mu[0], var[0]), fits
+    if len(ids) == 1:
+        return memory_term(ids[0], mu[0, 0], var[0, 0], memory), fits
+    return None, fits
 
 
 class AlignmentRecorder:
@@ -94,7 +124,9 @@ class AlignmentRecorder:
     :meth:`add` while a recorder is open, see :func:`record_alignment`) and turns them into the loss.
 
     ``attention_mask`` [b, L] and ``task_ids`` [b] describe the batch; a layer's features u [b·k, r]
-    cover the last k ≤ L positions of every sample (k = L for decoder layers)."""
+    cover the last k ≤ L positions of every sample (k = L for decoder layers). Layers that cover the same
+    positions (every decoder layer) are fitted together, as one stack: a few tensor operations per
+    micro-batch, not per layer and task pair."""
 
     def __init__(self, attention_mask: torch.Tensor, task_ids: torch.Tensor):
         self.mask = attention_mask.bool()
@@ -104,39 +136,52 @@ class AlignmentRecorder:
     def add(self, layer: torch.nn.Module, u: torch.Tensor) -> None:
         self.features.setdefault(layer, []).append(u)
 
-    def _tokens(self, layer, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The real tokens' features z = u / s [n, r] (fp32 at least) and their task ids [n]."""
+    def _positions(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For features of ``rows`` = b·k tokens: the real-token mask [b·k] and each token's task id [b·k]."""
         b, length = self.mask.shape
-        rows = u.shape[0]
         if self.task_ids.numel() != b or rows % b or rows // b > length:
             raise ValueError(f"Align-LoRA: layer features of {rows} tokens do not fit the batch of {b} samples x "
                              f"{length} positions and {self.task_ids.numel()} task ids: pass one task id per sample")
         k = rows // b
-        mask = self.mask[:, length - k:].reshape(-1).to(u.device)
-        tasks = self.task_ids.to(u.device)[:, None].expand(b, k).reshape(-1)
+        mask = self.mask[:, length - k:].reshape(-1).to(device)
+        tasks = self.task_ids.to(device)[:, None].expand(b, k).reshape(-1)
+        return mask, tasks
+
+    def _features(self, layer, parts: list[torch.Tensor]) -> torch.Tensor:
+        """z = u / s [b·k·parts, r] in fp32 at least (D is invariant to the common factor s, up to ε)."""
+        if torch.is_grad_enabled() and layer.lora_A.requires_grad and not all(p.requires_grad for p in parts):
+            raise RuntimeError("Align-LoRA's alignment loss got features without a gradient: re-entrant "
+                               "gradient checkpointing runs the forward without autograd; use "
+                               "trainer.gradient_checkpointing or rlora.enable_gradient_checkpointing "
+                               "(non-re-entrant)")
+        u = parts[0] if len(parts) == 1 else torch.cat(parts)
         z = u.to(torch.promote_types(u.dtype, torch.float32))
-        if layer.scaling != 0:
-            z = z / layer.scaling
-        return z[mask], tasks[mask]
+        return z / layer.scaling if layer.scaling != 0 else z
 
     def loss(self) -> torch.Tensor:
         """The mean over layers of each layer's term (0 when no layer has a pair); updates every layer's
         remembered fits (detached) with the fits of this batch's tasks."""
-        terms = []
+        groups: dict[tuple, list] = {}
         for layer, parts in self.features.items():
-            if torch.is_grad_enabled() and layer.lora_A.requires_grad and not all(p.requires_grad for p in parts):
-                raise RuntimeError("Align-LoRA's alignment loss got features without a gradient: re-entrant "
-                                   "gradient checkpointing runs the forward without autograd; use "
-                                   "trainer.gradient_checkpointing or rlora.enable_gradient_checkpointing "
-                                   "(non-re-entrant)")
-            zs, ts = zip(*(self._tokens(layer, u) for u in parts))
-            term, fits = layer_alignment(torch.cat(zs), torch.cat(ts), layer.align_memory)
-            if term is not None:
-                terms.append(term)
-            layer.align_memory.update({t: (mu.detach(), var.detach()) for t, (mu, var) in fits.items()})
+            groups.setdefault(tuple(p.shape[0] for p in parts), []).append((layer, parts))
+        terms = []
+        for rows, members in groups.items():
+            layers = [layer for layer, _ in members]
+            z = torch.stack([self._features(layer, parts) for layer, parts in members])     # [G, rows, r]
+            masks, tasks = zip(*(self._positions(n, z.device) for n in rows))
+            mask, tasks = torch.cat(masks), torch.cat(tasks)
+            ids, mu, var = task_fits(z[:, mask], tasks[mask])                                # [G, K, r]
+            if len(ids) >= 2:
+                terms.append(mean_pair_term(mu, var))
+            elif len(ids) == 1:
+                lone = [memory_term(ids[0], mu[g, 0], var[g, 0], layer.align_memory) for g, layer in enumerate(layers)]
+                terms.extend(t.reshape(1) for t in lone if t is not None)
+            mu_d, var_d = mu.detach(), var.detach()
+            for g, layer in enumerate(layers):
+                layer.align_memory.update({t: (mu_d[g, j], var_d[g, j]) for j, t in enumerate(ids)})
         if not terms:
             return torch.zeros(())
-        return torch.stack(terms).mean()
+        return torch.cat(terms).mean()
 
 
 def active_recorder() -> Optional[AlignmentRecorder]:

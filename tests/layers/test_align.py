@@ -42,6 +42,9 @@ def test_layer_term_pairs_the_tasks_present_and_uses_the_memory_only_for_a_lone_
     assert torch.equal(fits[0][0], mu0) and torch.allclose(fits[0][1], var0)
     assert var0.tolist() == pytest.approx([1.0, 4.0 / 3.0])
     assert term.item() == pytest.approx(symmetric_kl(mu0, var0, mu1, var1).item(), rel=1e-12)
+    zg = z.clone().requires_grad_(True)                      # the one-token task gets no gradient, and no NaN
+    layer_alignment(zg, tasks)[0].backward()
+    assert torch.isfinite(zg.grad).all() and zg.grad[5].abs().sum() == 0 and zg.grad[:5].abs().sum() > 0
 
     # three tasks: the mean over the three pairs
     tasks3 = torch.tensor([0, 0, 1, 1, 2, 2, 2])
