@@ -121,3 +121,36 @@ def test_router_usage_colours_small_deviations_and_shows_layers(tmp_path):
     rgb = img[..., :3]
     saturated = ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.5).mean()
     assert saturated > 0.05  # strongly coloured cells, not a uniform 0.50 field
+
+
+def test_figures_stay_bounded_at_200_tasks(tmp_path, monkeypatch):
+    """At T = 200 the task figures keep a bounded size (no per-task tick labels) and the task-weights plot draws
+    a band plus the 5 highest and 5 lowest tasks instead of 200 lines with a 200-entry legend."""
+    rng = np.random.default_rng(0)
+    T = 200
+    names = [f"task{t:03d}" for t in range(T)]
+    m = rng.uniform(-1, 1, (T, T))
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 1.0)
+    limit = P.MAX_INCHES * 110 + 200  # px: the figure's inches at 110 dpi, plus what bbox 'tight' may add
+    img = check_png(P.plot_interference(m, names, tmp_path / "i.png"))
+    assert max(img.shape[:2]) <= limit
+    mix = rng.dirichlet(np.ones(3), T)
+    img = check_png(P.plot_mtl_mixing(mix, names, tmp_path / "m.png"), min_w=200)
+    assert img.shape[0] <= limit
+    probs = rng.dirichlet(np.ones(T), 5)
+    history = [{"step": 10 * i, "probabilities": p.tolist()} for i, p in enumerate(probs)]
+    fig_lines = []
+    real_plot = P.Figure.add_subplot
+
+    def spy(self, *a, **k):
+        ax = real_plot(self, *a, **k)
+        fig_lines.append(ax)
+        return ax
+
+    monkeypatch.setattr(P.Figure, "add_subplot", spy)
+    check_png(P.plot_task_weights(history, names, tmp_path / "w.png"))
+    labels = [ln.get_label() for ln in fig_lines[0].get_lines()]
+    last = np.argsort(-probs[-1], kind="stable")
+    shown = [names[k] for k in list(last[:5]) + list(last[-5:])]
+    assert labels == ["median"] + shown + ["uniform 1/T"]
