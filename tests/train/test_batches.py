@@ -163,3 +163,6 @@ def test_forward_loss_adds_lambda_times_the_alignment_term_in_training_and_recor
     assert b["align_loss"] == pytest.approx(term, rel=1e-5)
     assert loss.item() == pytest.approx(loss0.item() + 0.5 * term, rel=1e-5)
     assert torch.equal(s, s0) and torch.equal(c, c0)                          # the sums stay the LM loss's
+    bare = left_padded_batch(ROWS, 0, [1, 0])
+    assert forward_loss(m.train(), bare, num_tasks=2)[0].item() == loss.item()   # the model itself, not wrapped
+    assert bare["align_loss"] == b["align_loss"]

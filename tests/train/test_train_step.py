@@ -125,3 +125,27 @@ def test_a_step_of_one_answer_token_and_the_step_counter():
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name
     tr.train_step()
     assert tr.step == 2 and len(tr.loss_hist) == 2
+
+
+def test_the_alignment_term_of_a_step_is_the_mean_over_its_micro_batches():
+    """Align-LoRA: ``align_loss`` is the unweighted term averaged over the step's micro-batches (and ranks),
+    here one two-task micro-batch and one lone-task micro-batch (paired with the remembered fits)."""
+    import rlora
+    from rlora.train.batches import forward_loss, left_padded_batch
+
+    def align_model():
+        model = rlora.inject(tiny_llama(vocab=32, hidden=32, layers=1), rlora.AdapterConfig(method="align", r=2))
+        return model.train()
+
+    batches = [[(0, 0), (1, 0)], [(0, 1)]]
+    tr, _ = trainer(batches, ga=2)
+    tr.engine = Engine(align_model(), 2)
+    assert tr.align_loss is None
+    tr.train_step()
+    ref, terms = align_model(), []
+    for slots in batches:
+        b = left_padded_batch([TOKENIZED[NAMES[t]][e] for t, e in slots], 0, [t for t, _ in slots])
+        forward_loss(ref, b, 3)
+        terms.append(b["align_loss"])
+    assert min(terms) > 0 and terms[0] != terms[1]
+    assert tr.align_loss == pytest.approx(sum(terms) / 2, rel=1e-6)
