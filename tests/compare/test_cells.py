@@ -70,3 +70,61 @@ def test_bad_comparison_arguments():
             summarize(a + b, "lora", **kwargs)
     with pytest.raises(CompareError, match=r"baseline_method 'mtl' has no cells \(methods present: \['lora', 'hydra'\]\)"):
         summarize(a + b, "mtl")
+
+
+def _without(*keys):
+    return {k: v for k, v in good().items() if k not in keys}
+
+
+@pytest.mark.parametrize("cells, message", [
+    ("cells", "cells must be a non-empty list of cell dicts"),
+    (["lora"], "cells[0] is a str: each cell must be a dict with method, sampler, seed and correct"),
+    ([_without("correct")],
+     "cells: cell 0 (lora/proportional/0) has no 'correct': every cell needs method, sampler, seed and correct"),
+    ([_without("method", "sampler", "seed")],
+     "cells: cell 0 has no 'method': every cell needs method, sampler, seed and correct"),
+    ([good(sampler=3)], "cells: cell 0 (lora/3/0): 'sampler' must be a non-empty string, got 3"),
+    ([good(seed=1.5)], "cells: cell 0 (lora/proportional/1.5): 'seed' must be an integer, got 1.5"),
+    ([good(correct=[1])],
+     "cells: cell 0 (lora/proportional/0): 'correct' must be a non-empty dict {task: [score per dev row]}"),
+    ([good(correct={"": [1]})],
+     "cells: cell 0 (lora/proportional/0): task names in 'correct' must be non-empty strings, got ''"),
+    ([good(correct={"qa": [[1, 0]]})],
+     "cells: cell 0 (lora/proportional/0): correct['qa'] must be a non-empty flat list, got shape (1, 2)"),
+    ([good(correct={"qa": ["yes"]})],
+     "cells: cell 0 (lora/proportional/0): correct['qa'] must be a list of numbers (0/1 per dev row)"),
+    ([good(correct={"qa": [1, -0.5]})],
+     "cells: cell 0 (lora/proportional/0): correct['qa'][1] = -0.5 is not a score in [0, 1]: use 1 for a correct row "
+     "and 0 otherwise"),
+    ([good(wall_s=True)],
+     "cells: cell 0 (lora/proportional/0): 'wall_s' must be a finite number of seconds or absent, got True"),
+    ([good(wall_s=float("inf"))],
+     "cells: cell 0 (lora/proportional/0): 'wall_s' must be a finite number of seconds or absent, got inf"),
+    ([good(params=[1])], "cells: cell 0 (lora/proportional/0): 'params' must be a dict or absent, got list"),
+    ([good(), good(seed=1, correct={"qa": [1, 0, 1], "nli": [0, 1], "x": [1]})],
+     "cells: lora/proportional/seed 1 scores different tasks (missing [], extra ['x']): every cell must score every "
+     "task"),
+    ([good(), good(seed=1, correct={"qa": [1, 0], "nli": [0, 1]})],
+     "cells: lora/proportional/seed 1 has 2 rows for task 'qa' but lora/proportional/seed 0 has 3: every cell must "
+     "score the same dev rows"),
+    ([good(), good()],
+     "cells: two cells for method 'lora', sampler 'proportional', seed 0: keep one cell per (method, sampler, seed)"),
+])
+def test_error_messages_in_full(cells, message):
+    with pytest.raises(CompareError) as err:
+        check_cells(cells)
+    assert str(err.value) == message
+
+
+def test_the_caller_names_the_input():
+    with pytest.raises(CompareError, match=r"^grid\[1\] is a int: "):
+        check_cells([good(), 5], "grid")
+    with pytest.raises(CompareError, match=r"^grid: cell 0 \(lora/proportional/0\): 'params' must be a dict"):
+        check_cells([good(params=3)], "grid")
+
+
+def test_valid_edge_values_are_accepted():
+    """Scores 0 and 1 exactly, a zero wall time, a numpy integer seed, empty params."""
+    out = check_cells([good(correct={"qa": [0, 1.0], "nli": [1]}, wall_s=0, seed=np.int64(4), params={})])
+    assert out[0]["seed"] == 4 and type(out[0]["seed"]) is int
+    assert out[0]["wall_s"] == 0.0 and out[0]["params"] == {}

@@ -14,6 +14,9 @@ import math
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.image import imread
 
 from rlora.compare import CompareError
 from rlora.compare.pooled import chi2_sf, heterogeneity, pool_sets, pooled_difference, set_weights
@@ -139,3 +142,92 @@ def test_pooled_interval_covers_the_known_pooled_difference():
         diffs.append(r["diff"])
     assert 0.90 <= hits / 150 <= 0.99, hits / 150
     assert abs(np.mean(diffs) - D) < 0.005
+
+
+def _row(name, weight, seeds, a, b, diff, lo, hi, verdict):
+    return {"weight": weight, "n_seeds": seeds, "a": a, "b": b, "diff": diff, "lo": lo, "hi": hi, "verdict": verdict}
+
+
+def _hand_pooled():
+    return {
+        "sets": ["s0", "s1"], "level": 0.9, "n_boot": 200, "weights": {"s0": 0.25, "s1": 0.75},
+        "arms": [{"method": "lora", "sampler": "p", "sets": {"s0": 0.5, "s1": 0.625}, "mean": 0.594},
+                 {"method": "mtl", "sampler": "p", "sets": {"s0": 0.55}, "mean": 0.55}],
+        "comparisons": [
+            {"label": "mtl vs lora (p)",
+             "pooled": {"sets": {"s0": _row("s0", 0.25, 3, 0.55, 0.5, 0.05, -0.0004, 0.1234, "no detectable difference"),
+                                 "s1": _row("s1", 0.75, 2, 0.71, 0.639, 0.071, 0.013, 0.142, "better")},
+                        "a": 0.663, "b": 0.594, "diff": 0.069, "lo": 0.021, "hi": 0.118, "verdict": "better",
+                        "sets_disagree": True, "heterogeneity": {"q": 1.2345, "df": 1, "p": 0.26654, "i2": 0.19}}},
+            {"label": "hydra vs lora (p)",
+             "pooled": {"sets": {"s0": _row("s0", 1.0, 3, 0.4, 0.5, -0.1, -0.2, -0.031, "worse")},
+                        "a": 0.4, "b": 0.5, "diff": -0.1, "lo": -0.2, "hi": -0.031, "verdict": "worse",
+                        "sets_disagree": False, "heterogeneity": {"q": None, "df": 0, "p": None, "i2": None}}}],
+        "notes": ["hydra vs lora (p): no cells of both arms on ['s1']; pooled over ['s0'] only"],
+    }
+
+
+def test_pooled_markdown_in_full():
+    """Every line of the pooled report from a hand-made summary: per-set and pooled rows, points with one
+    decimal (no -0.0), weights with 3 significant digits, heterogeneity only where Q exists, then the notes."""
+    assert pooled_markdown(_hand_pooled()) == "\n".join([
+        "**Dev accuracy per arm and set** (%, macro mean over the set's tasks, mean over seeds; pooled: weights "
+        "s0 0.25, s1 0.75)",
+        "",
+        "| method | sampler | s0 | s1 | pooled |",
+        "| --- | --- | ---: | ---: | ---: |",
+        "| lora | p | 50.0 | 62.5 | 59.4 |",
+        "| mtl | p | 55.0 | – | 55.0 |",
+        "",
+        "**Paired differences A − B pooled over sets** (points; 90 % percentile interval of a stratified hierarchical "
+        "bootstrap: within each set seeds, then dev rows; 200 resamples)",
+        "",
+        "| comparison (A vs B) | set | weight | seeds | A | B | A − B | 90 % CI | verdict |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| mtl vs lora (p) | s0 | 0.25 | 3 | 55.0 | 50.0 | +5.0 | [+0.0, +12.3] | no detectable difference |",
+        "| mtl vs lora (p) | s1 | 0.75 | 2 | 71.0 | 63.9 | +7.1 | [+1.3, +14.2] | better |",
+        "| mtl vs lora (p) | **pooled** | 1 | 5 | 66.3 | 59.4 | **+6.9** | [+2.1, +11.8] | better (sets disagree) |",
+        "| hydra vs lora (p) | s0 | 1 | 3 | 40.0 | 50.0 | -10.0 | [-20.0, -3.1] | worse |",
+        "| hydra vs lora (p) | **pooled** | 1 | 3 | 40.0 | 50.0 | **-10.0** | [-20.0, -3.1] | worse |",
+        "",
+        "Heterogeneity of the per-set differences (Cochran's Q on the bootstrap variances, chi-square p-value, I²): "
+        "mtl vs lora (p): Q 1.23 (df 1, p 0.267), I² 19 %.",
+        "",
+        "hydra vs lora (p): no cells of both arms on ['s1']; pooled over ['s0'] only",
+    ]) + "\n"
+
+
+def test_pooled_forest_plot_content(monkeypatch, tmp_path):
+    """A panel per comparison; from the top a row per set (dot, thin whisker) and the pooled row (diamond, thick
+    whisker), coloured by verdict; a line at 0; set names on the first panel; the level in the title."""
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    path = pooled_forest_plot(_hand_pooled(), tmp_path / "p.png")
+    fig = figures[0]
+    green, grey, red = "#1a9850", "#555555", "#d73027"
+    assert [ax.get_title() for ax in fig.axes] == ["mtl vs lora (p)", "hydra vs lora (p)"]
+    expected = [[(2, 0.05, -0.0004, 0.1234, "o", grey, 2.0), (1, 0.071, 0.013, 0.142, "o", green, 2.0),
+                 (0, 0.069, 0.021, 0.118, "D", green, 3.5)],
+                [(2, -0.1, -0.2, -0.031, "o", red, 2.0), (1, -0.1, -0.2, -0.031, "D", red, 3.5)]]
+    for ax, rows in zip(fig.axes, expected):
+        dots = [l for l in ax.lines if l.get_marker() in ("o", "D")]
+        assert len(ax.collections) == len(dots) == len(rows)
+        for coll, dot, (y, diff, lo, hi, marker, colour, width) in zip(ax.collections, dots, rows):
+            (x0, y0), (x1, y1) = coll.get_segments()[0]
+            assert (y0, y1) == (y, y) and (x0, x1) == (pytest.approx(100 * lo), pytest.approx(100 * hi))
+            assert to_hex(coll.get_colors()[0]) == colour == to_hex(dot.get_color())
+            assert coll.get_linewidths()[0] == width
+            assert (dot.get_xdata()[0], dot.get_ydata()[0], dot.get_marker()) == (pytest.approx(100 * diff), y, marker)
+            assert dot.get_markersize() == (6 if marker == "o" else 9)
+        zero = [l for l in ax.lines if list(l.get_xdata()) == [0, 0]]
+        assert len(zero) == 1 and ax.get_ylim() == (-0.7, 2.7) and ax.get_xlabel() == "A − B (points)"
+    assert list(fig.axes[0].get_yticks()) == [2, 1, 0]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["s0", "s1", "pooled"]
+    assert fig._suptitle.get_text() == ("Per set and pooled (diamond) paired differences with 90 % stratified "
+                                        "bootstrap intervals")
+    assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 2 + 2.5, 1.6 + 0.45 * 3))
+    assert imread(path).shape[:2] == (int(110 * (1.6 + 0.45 * 3)), int(110 * (4.2 * 2 + 2.5)))
+    with pytest.raises(CompareError) as err:
+        pooled_forest_plot(dict(_hand_pooled(), comparisons=[]), tmp_path / "q.png")
+    assert str(err.value) == "the pooled summary has no comparison to plot: it needs the baseline and another method"

@@ -101,9 +101,10 @@ def write_config(dest: Path, files: list[str], tests: list[str]) -> None:
     lines += ["pytest_add_cli_args =", "    -m", "    not slow", "    -p", "    no:cacheprovider",
               "    -p", "    no:rlora-coverage-trace", "    -q"]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
-    # a mutant whose tests take 5x (mutmut's default: 15x) their clean time (+ 1 s) is a timeout (= detected):
-    # the mutants that loop forever (an epoch budget that is never met) cost ~40 s each instead of ~2 min
-    lines += ["timeout_multiplier = 5"]
+    # a mutant is a timeout (= detected) once its tests run 5 x (their clean time + 10 s) (mutmut's default:
+    # 15 x (clean + 1 s)): the clean time leaves out fixture set-up (a tiny model: seconds on a busy machine), which
+    # the 10 s cover, and a mutant that loops forever (an epoch budget never met) costs ~1 min instead of ~2-3
+    lines += ["timeout_multiplier = 5", "timeout_constant = 10"]
     (dest / "setup.cfg").write_text("\n".join(lines) + "\n")
 
 
