@@ -120,7 +120,8 @@ def _tuning_table(tuning: Mapping) -> list[str]:
     """The picks of ``--tune`` (see :mod:`rlora.compare.tune`): one row per arm, a column per candidate."""
     picks = tuning["picks"]
     labels = list(picks[0]["scores"]) if picks else []
-    lines = [f"**Tuning** (per arm: one cell per candidate, seed {tuning['seed']}, {tuning['steps']} steps, scored on "
+    steps = f"{tuning['steps']} step" + ("" if tuning["steps"] == 1 else "s")
+    lines = [f"**Tuning** (per arm: one cell per candidate, seed {tuning['seed']}, {steps}, scored on "
              f"{tuning['val_rows']} validation rows per task carved from the training rows; macro-mean validation "
              "accuracy in %; the verdict's cells train on the same carved rows with the pick)", "",
              _row(["method", "sampler", *labels, "pick"]), _row(["---", "---", *["---:"] * len(labels), "---"])]

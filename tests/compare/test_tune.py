@@ -66,3 +66,18 @@ def test_tuning_config_scores_every_validation_row_with_fewer_steps(cfg):
     assert cfg.diagnostics.enabled and not c.diagnostics.enabled
     assert tuning_config(cfg, ["trainer.max_steps=5"], steps=2).trainer.max_steps == 5   # a tuned key wins
     assert tuning_config(cfg, [], steps=None).trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_the_report_s_tuning_table_and_budget_line():
+    from rlora.compare.report import _budget_lines, _tuning_table
+
+    tuning = {"seed": 42, "steps": 1, "val_rows": 6,
+              "picks": [{"method": "lora", "sampler": "p", "scores": {"lr=1": 0.5, "lr=2": 0.25}, "picked": "lr=1"},
+                        {"method": "mtl", "sampler": "p", "scores": {"lr=1": 0.125, "lr=2": 0.75}, "picked": "lr=2"}]}
+    lines = _tuning_table(tuning)
+    assert lines[0].startswith("**Tuning** (per arm: one cell per candidate, seed 42, 1 step, scored on 6 validation")
+    assert lines[2:] == ["| method | sampler | lr=1 | lr=2 | pick |", "| --- | --- | ---: | ---: | --- |",
+                         "| lora | p | 50.0 | 25.0 | lr=1 |", "| mtl | p | 12.5 | 75.0 | lr=2 |"]
+    assert "200 steps" in _tuning_table({**tuning, "steps": 200})[0]
+    budget = {"mode": "total", "lora_rank": 15, "ranks": {"lora/p": 15, "mtl/p": 8}}
+    assert _budget_lines(budget) == ["**Budget** `total`: LoRA rank 15; ranks lora/p 15, mtl/p 8."]
