@@ -122,6 +122,13 @@ def test_bad_bootstrap_args(n_boot, seed, level, message):
         check_bootstrap_args(n_boot, seed, level)
 
 
+def test_an_unknown_statistic_is_named_in_the_error_of_paired_difference():
+    a, b = small_arms(seeds=(0,), rows=4)
+    message = "unknown statistic 'best': use 'mean', 'worst' or one of the tasks ['qa', 'nli']"
+    with pytest.raises(CompareError, match=f"^{re.escape(message)}$"):
+        paired_difference(a, b, "best", n_boot=5)
+
+
 def test_seeds_needed_boundaries_and_messages():
     assert seeds_needed(0.02, 1) == 4                     # one seed is a valid n (1 * 2^2)
     for kwargs, message in [(dict(half_width=0.1, n_seeds=True), "n_seeds must be a positive integer, got True"),
