@@ -24,7 +24,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -239,11 +239,32 @@ def _load_error(name: str, err: BaseException, offline: bool) -> ModelLoadError:
     return ModelLoadError(f"could not load {name} ({_one_line(err)}): check the hub id, a local path, or network access")
 
 
+def plain_hf_loading() -> None:
+    """Switch off Hugging Face's process-wide ZeRO-3 loading (``HfDeepSpeedConfig``'s global): a ZeRO-3
+    run earlier in this process leaves it on while its model lives, and every later ``from_pretrained`` /
+    ``from_config`` would then build a partitioned model (on the meta device: "Cannot copy out of meta
+    tensor"). Only the ZeRO-3 engine's own load (:func:`rlora.train.engine.load_model`) wants it on."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: Dtype = torch.float32,
-                    trust_remote_code: bool = False, **kwargs):
-    """Load a causal LM (``transformers.PreTrainedModel``) in ``eval`` mode with the given dtype."""
+                    trust_remote_code: bool = False, zero3_config: Optional[dict] = None, **kwargs):
+    """Load a causal LM (``transformers.PreTrainedModel``) in ``eval`` mode with the given dtype.
+
+    ``zero3_config`` (a DeepSpeed config with ZeRO stage 3): build it partitioned under ``deepspeed.zero.Init``
+    (the config object stays referenced by the model as long as it lives); otherwise a plain, whole model,
+    whatever an earlier ZeRO-3 run in this process left switched on."""
     from transformers import AutoModelForCausalLM
 
+    keep = None
+    if zero3_config is None:
+        plain_hf_loading()
+    else:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(zero3_config)
     path, local_only, is_hub = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype), local_files_only=local_only,
@@ -251,6 +272,8 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: Dtype = torch.floa
     except (OSError, ValueError, EnvironmentError) as err:
         raise _load_error(name_or_path, err, is_hub and local_only) from None
     model.eval()
+    if keep is not None:
+        model._rlora_hf_ds_config = keep  # must stay referenced while the engine lives
     return model
 
 

@@ -150,3 +150,18 @@ def test_prepare_into_a_fresh_cache(tmp_path, monkeypatch, smol):
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, smol[0](ids).logits)
+
+
+def test_a_zero3_switch_left_on_by_an_earlier_run_does_not_partition_later_loads(tiny_model_dir):
+    """A ZeRO-3 run in this process leaves Hugging Face's global ZeRO-3 switch on while its model lives;
+    a later plain load (export, evaluate, the next run's preflight) must still get a whole model."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from rlora.models import load_base_model
+
+    keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})  # noqa: F841 (held)
+    assert is_deepspeed_zero3_enabled()
+    model = load_base_model(str(tiny_model_dir))
+    assert not is_deepspeed_zero3_enabled()
+    assert all(p.device.type == "cpu" and p.numel() > 0 and not hasattr(p, "ds_id") for p in model.parameters())

@@ -95,20 +95,11 @@ def load_model(cfg: RunConfig, ds_conf: dict):
 
     kw = dict(dtype=cfg.model.torch_dtype, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.deepspeed.stage != 3:
-        # an earlier ZeRO-3 model in this process may still hold HF's global ZeRO-3 switch
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
         model = load_base_model(cfg.model.name_or_path, **kw)
         return model.to("cuda") if cfg.ray.use_gpu and torch.cuda.is_available() else model
-    # HF from_pretrained builds the model under deepspeed.zero.Init while this object is alive,
-    # so every rank holds only its partition of the base weights from the start.
-    from transformers.integrations import HfDeepSpeedConfig
-
-    keep = HfDeepSpeedConfig(ds_conf)
-    model = load_base_model(cfg.model.name_or_path, **kw)
-    model._rlora_hf_ds_config = keep  # must stay referenced while the engine lives
-    return model
+    # HF from_pretrained builds the model under deepspeed.zero.Init, so every rank holds only its
+    # partition of the base weights from the start.
+    return load_base_model(cfg.model.name_or_path, zero3_config=ds_conf, **kw)
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, total_steps: int):

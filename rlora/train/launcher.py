@@ -70,10 +70,11 @@ def preflight(cfg: RunConfig) -> RunConfig:
     # checked against a meta-device copy, which allocates nothing
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import resolve_model_path
+    from ..models import plain_hf_loading, resolve_model_path
 
     path = resolve_model_path(cfg.model.name_or_path)[0]
     mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    plain_hf_loading()  # a ZeRO-3 run earlier in this process must not partition the skeleton
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
     try:
