@@ -198,7 +198,8 @@ class Comparison:
         record = cell_record(cell, res.summary, time.time() - t0, res.mlflow_run_id)
         _write_json(self.out / "cells" / f"{cell.key}.json", record)
         mean = sum(record["accuracy"].values()) / len(record["accuracy"])
-        say(f"[rlora] compare: {cell.label} done: mean dev accuracy {100 * mean:.1f} ({record['wall_s']:.0f}s)")
+        say(f"[rlora] compare: {cell.label} done: mean {cell.cfg.eval.split} accuracy {100 * mean:.1f} "
+            f"({record['wall_s']:.0f}s)")
 
     def _report(self, records: list[dict]) -> dict:
         from . import forest_plot, markdown_table, summarize, to_json

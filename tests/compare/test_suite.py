@@ -43,6 +43,8 @@ def test_sets_tuned_reported_and_pooled_then_resumed(tiny_model_dir, tmp_path):
     cmd = [*RLORA, "compare", str(cfg_path), "--out", str(out), *ARGS]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert console.count("seed 7 done: mean val accuracy") == 8 and console.count("seed 7 done: mean dev accuracy") == 4
 
     pooled = json.loads((out / "pooled.json").read_text())
     assert pooled["sets"] == ["alpha", "beta"] and (out / "pooled.md").is_file()
