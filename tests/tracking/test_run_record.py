@@ -61,7 +61,9 @@ def test_resolved_config_and_command_line_are_recorded(record):
 
 def test_no_chart_is_all_zeros_and_truncation_is_a_param(record):
     hist, run = record["hist"], record["run"]
-    zeros = [k for k, h in hist.items() if all(v == 0 for _, v in h)]
+    # rlora's own keys; MLflow's system monitor may log one cpu_utilization sample of exactly 0 on a short,
+    # loaded run (psutil's first reading), which says nothing about rlora's record
+    zeros = [k for k, h in hist.items() if all(v == 0 for _, v in h) and not k.startswith("system/")]
     assert zeros == []
     assert not any(k.startswith("data/") for k in hist)
     assert {run.data.params[f"data.truncated_rows.{t}"] for t in TASKS} == {"0"}
