@@ -39,3 +39,9 @@ def test_total_gives_lora_at_least_every_method_s_trainable_parameters(tiny_mode
 
 def test_lora_alone_keeps_its_rank(tiny_model_dir, tmp_path):
     assert lora_rank(cfg(tiny_model_dir, tmp_path, method="lora", r=5), ["lora"], "total") == 5
+
+
+def test_rank_one_and_the_callers_config_is_left_alone(tiny_model_dir, tmp_path):
+    c = cfg(tiny_model_dir, tmp_path, method="lora", r=1, heads=1)
+    assert lora_rank(c, ["lora", "hydra"], "ab") == 1       # hydra's A+B at r = N = 1 is one rank of LoRA
+    assert (c.adapter.method, c.adapter.r) == ("lora", 1)   # the methods are counted on copies

@@ -162,7 +162,11 @@ def _hand_pooled():
             {"label": "hydra vs lora (p)",
              "pooled": {"sets": {"s0": _row("s0", 1.0, 3, 0.4, 0.5, -0.1, -0.2, -0.031, "worse")},
                         "a": 0.4, "b": 0.5, "diff": -0.1, "lo": -0.2, "hi": -0.031, "verdict": "worse",
-                        "sets_disagree": False, "heterogeneity": {"q": None, "df": 0, "p": None, "i2": None}}}],
+                        "sets_disagree": False, "heterogeneity": {"q": None, "df": 0, "p": None, "i2": None}}},
+            {"label": "rlora vs lora (p)",
+             "pooled": {"sets": {"s0": _row("s0", 1.0, 3, 0.5, 0.5, 0.0, -0.05, 0.05, "no detectable difference")},
+                        "a": 0.5, "b": 0.5, "diff": 0.0, "lo": -0.05, "hi": 0.05, "verdict": "no detectable difference",
+                        "sets_disagree": False, "heterogeneity": {"q": 0.0, "df": 0, "p": 1.0, "i2": 0.6}}}],
         "notes": ["hydra vs lora (p): no cells of both arms on ['s1']; pooled over ['s0'] only"],
     }
 
@@ -170,6 +174,9 @@ def _hand_pooled():
 def test_pooled_markdown_in_full():
     """Every line of the pooled report from a hand-made summary: per-set and pooled rows, points with one
     decimal (no -0.0), weights with 3 significant digits, heterogeneity only where Q exists, then the notes."""
+    without_notes = _hand_pooled()
+    del without_notes["notes"]
+    assert pooled_markdown(without_notes).endswith("I² 60 %.\n")
     assert pooled_markdown(_hand_pooled()) == "\n".join([
         "**Dev accuracy per arm and set** (%, macro mean over the set's tasks, mean over seeds; pooled: weights "
         "s0 0.25, s1 0.75)",
@@ -189,9 +196,11 @@ def test_pooled_markdown_in_full():
         "| mtl vs lora (p) | **pooled** | 1 | 5 | 66.3 | 59.4 | **+6.9** | [+2.1, +11.8] | better (sets disagree) |",
         "| hydra vs lora (p) | s0 | 1 | 3 | 40.0 | 50.0 | -10.0 | [-20.0, -3.1] | worse |",
         "| hydra vs lora (p) | **pooled** | 1 | 3 | 40.0 | 50.0 | **-10.0** | [-20.0, -3.1] | worse |",
+        "| rlora vs lora (p) | s0 | 1 | 3 | 50.0 | 50.0 | +0.0 | [-5.0, +5.0] | no detectable difference |",
+        "| rlora vs lora (p) | **pooled** | 1 | 3 | 50.0 | 50.0 | **+0.0** | [-5.0, +5.0] | no detectable difference |",
         "",
         "Heterogeneity of the per-set differences (Cochran's Q on the bootstrap variances, chi-square p-value, I²): "
-        "mtl vs lora (p): Q 1.23 (df 1, p 0.267), I² 19 %.",
+        "mtl vs lora (p): Q 1.23 (df 1, p 0.267), I² 19 %; rlora vs lora (p): Q 0.00 (df 0, p 1.000), I² 60 %.",
         "",
         "hydra vs lora (p): no cells of both arms on ['s1']; pooled over ['s0'] only",
     ]) + "\n"
@@ -203,10 +212,11 @@ def test_pooled_forest_plot_content(monkeypatch, tmp_path):
     figures = []
     save = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
-    path = pooled_forest_plot(_hand_pooled(), tmp_path / "p.png")
+    path = pooled_forest_plot(_hand_pooled(), tmp_path / "new" / "dir" / "p.svg")  # parents made; PNG always
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = figures[0]
     green, grey, red = "#1a9850", "#555555", "#d73027"
-    assert [ax.get_title() for ax in fig.axes] == ["mtl vs lora (p)", "hydra vs lora (p)"]
+    assert [ax.get_title() for ax in fig.axes] == ["mtl vs lora (p)", "hydra vs lora (p)", "rlora vs lora (p)"]
     expected = [[(2, 0.05, -0.0004, 0.1234, "o", grey, 2.0), (1, 0.071, 0.013, 0.142, "o", green, 2.0),
                  (0, 0.069, 0.021, 0.118, "D", green, 3.5)],
                 [(2, -0.1, -0.2, -0.031, "o", red, 2.0), (1, -0.1, -0.2, -0.031, "D", red, 3.5)]]
@@ -222,12 +232,17 @@ def test_pooled_forest_plot_content(monkeypatch, tmp_path):
             assert dot.get_markersize() == (6 if marker == "o" else 9)
         zero = [l for l in ax.lines if list(l.get_xdata()) == [0, 0]]
         assert len(zero) == 1 and ax.get_ylim() == (-0.7, 2.7) and ax.get_xlabel() == "A − B (points)"
+        assert to_hex(zero[0].get_color()) == "#000000" and zero[0].get_linewidth() == 0.8
+        assert ax.title.get_fontsize() == 10
+        assert all(g.get_visible() and g.get_alpha() == 0.3 for g in ax.xaxis.get_gridlines())
+        assert not any(g.get_visible() for g in ax.yaxis.get_gridlines())
     assert list(fig.axes[0].get_yticks()) == [2, 1, 0]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["s0", "s1", "pooled"]
     assert fig._suptitle.get_text() == ("Per set and pooled (diamond) paired differences with 90 % stratified "
                                         "bootstrap intervals")
-    assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 2 + 2.5, 1.6 + 0.45 * 3))
-    assert imread(path).shape[:2] == (int(110 * (1.6 + 0.45 * 3)), int(110 * (4.2 * 2 + 2.5)))
+    assert fig._suptitle.get_fontsize() == 10
+    assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 3 + 2.5, 1.6 + 0.45 * 3))
+    assert imread(path, format="png").shape[:2] == (int(110 * (1.6 + 0.45 * 3)), int(110 * (4.2 * 3 + 2.5)))
     with pytest.raises(CompareError) as err:
         pooled_forest_plot(dict(_hand_pooled(), comparisons=[]), tmp_path / "q.png")
     assert str(err.value) == "the pooled summary has no comparison to plot: it needs the baseline and another method"

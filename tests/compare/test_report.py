@@ -158,15 +158,20 @@ def test_markdown_budget_and_tuning_sections(summary):
                                             "| --- | --- | ---: | ---: | --- |",
                                             "| lora | proportional | 50.0 | 62.5 | lr=3e-3 |",
                                             "| hydra | proportional | 75.0 | 70.0 | lr=1e-3 |"]
+    assert lines[budget - 1] == "" and lines[tuning - 1] == ""
     last_difference = max(i for i, l in enumerate(lines) if l.startswith("| mtl vs lora (dynamic) |"))
     footnote = lines.index(next(l for l in lines if l.startswith("Seeds for ±1 pt")))
     assert last_difference < budget < tuning < footnote
     # without a LoRA arm the budget line names the ranks only; no picks: no candidate columns
     tuned["budget"] = {"mode": "ab", "ranks": {"hydra/proportional": 4}, "lora_rank": None}
-    tuned["tuning"] = {"seed": 1, "steps": 3, "val_rows": 5, "picks": []}
+    tuned["tuning"] = {"seed": 1, "steps": 1, "val_rows": 5, "picks": []}
     lines = markdown_table(tuned).splitlines()
     assert "**Budget** `ab`: ranks hydra/proportional 4." in lines
-    assert lines[lines.index(next(l for l in lines if l.startswith("**Tuning**"))) + 2] == "| method | sampler | pick |"
+    head = next(l for l in lines if l.startswith("**Tuning**"))
+    assert "seed 1, 1 step, scored on 5 validation rows" in head
+    assert lines[lines.index(head) + 2] == "| method | sampler | pick |"
+    tuned["tuning"]["picks"] = [{"method": "lora", "sampler": "p", "picked": "lr=1", "scores": {"lr=1": 0.5}}]
+    assert "| lora | p | 50.0 | lr=1 |" in markdown_table(tuned).splitlines()  # one pick: its candidates
 
 
 def test_summary_with_another_baseline_and_a_missing_baseline_arm(cells):
@@ -271,6 +276,8 @@ def test_markdown_table_in_full(tmp_path):
     at = expected.index("TASKS")
     assert markdown_table(summary) == "\n".join(expected[:at] + expected[at + 1:]) + "\n"
     assert markdown_table(summary, per_task=True) == "\n".join(expected[:at] + tasks + expected[at + 1:]) + "\n"
+    del summary["notes"]  # a summary without notes (older JSON) is fine
+    assert markdown_table(summary) == "\n".join(expected[:at] + expected[at + 1:-2]) + "\n"
     with pytest.raises(CompareError) as err:
         forest_plot(summary, tmp_path / "f.png", statistics=["f1"])
     assert str(err.value) == "unknown statistic 'f1': use 'mean', 'worst' or one of the tasks ['qa', 'nli']"
@@ -301,6 +308,15 @@ def _marks(ax):
     return whiskers, dots
 
 
+def _assert_style(ax, whisker_widths, marker_sizes):
+    """Line widths and marker sizes of the marks, 10 pt titles, a faint grid on x only."""
+    assert {c.get_linewidths()[0] for c in ax.collections} == whisker_widths
+    assert {l.get_markersize() for l in ax.lines if l.get_marker() in ("o", "D")} == marker_sizes
+    assert ax.title.get_fontsize() == 10
+    assert all(g.get_visible() and g.get_alpha() == 0.3 for g in ax.xaxis.get_gridlines())
+    assert not any(g.get_visible() for g in ax.yaxis.get_gridlines())
+
+
 def test_forest_plot_content(drawn, tmp_path):
     """A panel per statistic, a row per comparison from the top, dot at the difference, whisker over the interval in
     points, the verdict's colour, a line at 0, labels and titles; 110 dpi."""
@@ -308,7 +324,8 @@ def test_forest_plot_content(drawn, tmp_path):
     second = dict(summary["comparisons"][0], label="lora vs lora (p)", seeds_resampled=True)
     second["mean"] = _res(0.6, 0.7, -0.1, -0.2, -0.05, "worse", None)
     summary["comparisons"].append(second)
-    path = forest_plot(summary, tmp_path / "f.png")
+    path = forest_plot(summary, tmp_path / "new" / "dir" / "f.svg")  # parents made; PNG whatever the suffix
+    assert path.read_bytes()[:8] == PNG_MAGIC
     fig = drawn[0]
     assert [ax.get_title() for ax in fig.axes] == ["macro mean", "worst task"]
     assert all(ax.get_xlabel() == "A − B (points)" for ax in fig.axes)
@@ -322,19 +339,26 @@ def test_forest_plot_content(drawn, tmp_path):
     assert dots[0] == (pytest.approx(10.0), 1, "o", grey)
     for ax in fig.axes:
         zero = [l for l in ax.lines if list(l.get_xdata()) == [0, 0]]
-        assert len(zero) == 1 and to_hex(zero[0].get_color()) == "#000000"
+        assert len(zero) == 1 and to_hex(zero[0].get_color()) == "#000000" and zero[0].get_linewidth() == 0.8
         assert ax.get_ylim() == (-0.7, 1.7)
+        _assert_style(ax, whisker_widths={2.0}, marker_sizes={6.0})
     assert list(fig.axes[0].get_yticks()) == [1, 0]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["hy|dra vs lora (p) *", "lora vs lora (p)"]
     assert fig._suptitle.get_text() == ("Paired differences A − B with 95 % bootstrap intervals (green: better, red: "
                                         "worse, grey: neither)\n* one seed: dev rows resampled, seed-to-seed "
                                         "variance left out")
+    assert fig._suptitle.get_fontsize() == 10
     assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 2 + 2.5, 1.5 + 0.42 * 2))
-    assert imread(path).shape[:2] == (int(110 * (1.5 + 0.42 * 2)), int(110 * (4.2 * 2 + 2.5)))
+    assert imread(path, format="png").shape[:2] == (int(110 * (1.5 + 0.42 * 2)), int(110 * (4.2 * 2 + 2.5)))
     # every comparison with seeds resampled: no star line in the title
     summary["comparisons"] = [second]
     forest_plot(summary, tmp_path / "g.png", statistics=["qa"])
     assert drawn[1]._suptitle.get_text().count("\n") == 0 and drawn[1].axes[0].get_title() == "task qa"
+    assert [t.get_text() for t in drawn[1].axes[0].get_yticklabels()] == ["lora vs lora (p)"]
+    with pytest.raises(CompareError) as err:
+        forest_plot(dict(summary, comparisons=[]), tmp_path / "h.png")
+    assert str(err.value) == ("the summary has no comparison to plot: it needs the baseline and at least one more "
+                              "arm")
 
 
 def test_to_json_sorts_sets_by_their_text():
