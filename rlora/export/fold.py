@@ -173,15 +173,20 @@ def folded_weights(model: nn.Module, method: str, task: Optional[int],
         return weights
 
 
+def _base_module(base: nn.Module, name: str) -> nn.Module:
+    """The module ``name`` of the base model, or the one-line error naming the fix."""
+    try:
+        return base.get_submodule(name)
+    except AttributeError:
+        raise ExportError(f"the base model has no module {name}: pass the --base-model the adapter was "
+                          "trained on") from None
+
+
 def apply_weights(plain: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """Copy folded weights into a plain (adapter-free) copy of the base model."""
     with torch.no_grad():
         for name, w in weights.items():
-            try:
-                lin = plain.get_submodule(name)
-            except AttributeError:
-                raise ExportError(f"the base model has no module {name}: pass the --base-model the adapter was "
-                                  "trained on") from None
+            lin = _base_module(plain, name)
             if not isinstance(lin, nn.Linear) or lin.weight.shape != w.shape:
                 raise ExportError(f"module {name} of the base model does not fit the adapter: pass the --base-model "
                                   "the adapter was trained on")
@@ -383,11 +388,7 @@ def served_model(base: nn.Module, folds: dict[str, LowRank], dtype: torch.dtype 
     with torch.no_grad():
         base = base.to(dtype).eval()
         for name, f in folds.items():
-            try:
-                lin = base.get_submodule(name)
-            except AttributeError:
-                raise ExportError(f"the base model has no module {name}: pass the --base-model the adapter was "
-                                  "trained on") from None
+            lin = _base_module(base, name)
             parent_name, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent_name) if parent_name else base, child, ServedLoRALinear(lin, f, dtype))
         return base

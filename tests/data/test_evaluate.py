@@ -138,13 +138,18 @@ def test_evaluate_tasks_routes_each_task(tiny_model, smol_tokenizer):
 
 
 def _randomised_mtl(tok, tasks):
+    return _randomised(tok, "mtl", tasks, seed=5)
+
+
+def _randomised(tok, method, tasks, seed):
+    """A tiny Llama with ``method`` adapters whose every adapter parameter is moved off its init."""
     import rlora
     from helpers import tiny_llama
 
     model = rlora.inject(tiny_llama(vocab=len(tok), hidden=32),
-                         rlora.AdapterConfig(method="mtl", r=4, num_heads=3, alpha=8, tasks=list(tasks),
+                         rlora.AdapterConfig(method=method, r=4, num_heads=3, alpha=8, tasks=list(tasks),
                                              target_modules=["q_proj", "v_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in rlora.adapter_layers(model):
             for name, p in layer.named_parameters():
@@ -274,19 +279,7 @@ def test_tree_layout_with_left_truncated_prompts_and_one_row(tiny_model, smol_to
 @pytest.mark.parametrize("method", ["lora", "hydra", "rlora", "mtl"])
 def test_tree_layout_equals_previous_scorer_with_adapters(smol_tokenizer, method):
     """Per-token routers and per-sample task ids (MTL-LoRA) see the same inputs in both layouts."""
-    import rlora
-    from helpers import tiny_llama
-
-    model = rlora.inject(tiny_llama(vocab=len(smol_tokenizer), hidden=32),
-                         rlora.AdapterConfig(method=method, r=4, num_heads=3, alpha=8, tasks=["a", "b", "c"],
-                                             target_modules=["q_proj", "v_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, layer in rlora.adapter_layers(model):
-            for name, p in layer.named_parameters():
-                if not name.startswith("base"):
-                    p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    model.eval()
+    model = _randomised(smol_tokenizer, method, ["a", "b", "c"], seed=3)
     rows = _rows(smol_tokenizer, _labels_examples(5, seed=14))
     per_task = []
     for task_id in (0, 2):
