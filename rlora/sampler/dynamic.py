@@ -7,7 +7,11 @@ rank, i.e. already reduced across ranks):
   the last ``2W`` observations of each task are kept (``W = cfg.dynamic_window``);
 * optionally ``C`` [T, T]: gradient cosines between tasks (``cfg.dynamic_signal ==
   "loss_ratio+conflict"``; ignored otherwise). ``c_t`` = mean of ``C[t, s]`` over ``s != t``
-  (NaN entries skipped) is kept until the next matrix arrives.
+  (NaN entries skipped) is kept until the next matrix arrives (see :func:`conflict_means`). A
+  task with no finite off-diagonal entry (not probed yet: a budgeted probe fills the matrix a
+  few tasks per pass) gets the *mean of the known row means*, a neutral value: a constant
+  matrix, fully or partly probed, gives every task the same ``c_t`` and so leaves the
+  probabilities exactly as with no conflict signal (softmax is shift-invariant).
 
 Every ``cfg.dynamic_interval`` steps (when ``step - last_reweight_step >= interval``) the
 probabilities are recomputed:
@@ -44,6 +48,32 @@ from .errors import SamplerError
 from .strategies import apply_task_weights, proportional
 
 HISTORY_LIMIT = 1000  # re-weightings kept in ``history`` (and in the state) for logging
+
+
+def conflict_means(c: np.ndarray) -> np.ndarray:
+    """[T] row means ``c_t`` of a square [T, T] cosine matrix ``C``.
+
+    .. math::
+
+        c_t = \\frac{1}{|K_t|} \\sum_{s \\in K_t} C[t, s], \\quad
+        K_t = \\{ s \\ne t : C[t, s] \\text{ finite} \\}
+
+    for the known tasks (``K_t`` non-empty); every task with ``K_t`` empty gets the mean of the
+    known ``c_t`` (neutral: it neither gains nor loses weight against the average probed task);
+    0.0 for all when no task is known (or ``T == 1``). The caller checks the shape."""
+    off = np.array(c, dtype=np.float64)
+    t = off.shape[0]
+    if t <= 1:
+        return np.zeros(t)
+    np.fill_diagonal(off, np.nan)
+    valid = np.isfinite(off)
+    sums = np.where(valid, off, 0.0).sum(axis=1)
+    counts = valid.sum(axis=1)
+    known = counts > 0
+    if not known.any():
+        return np.zeros(t)
+    means = sums / np.maximum(counts, 1)
+    return np.where(known, means, float(means[known].mean()))
 
 
 class DynamicBalancer:
@@ -137,15 +167,7 @@ class DynamicBalancer:
             raise SamplerError(
                 f"update: conflict has shape {tuple(c.shape)}, expected ({t}, {t}): pass the task x task cosine matrix"
             )
-        if t == 1:
-            return np.zeros(1)
-        off = c.copy()
-        np.fill_diagonal(off, np.nan)
-        off[~np.isfinite(off)] = np.nan
-        valid = np.isfinite(off)
-        sums = np.where(valid, off, 0.0).sum(axis=1)
-        counts = valid.sum(axis=1)
-        return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        return conflict_means(c)
 
     def reweight(self, step: int) -> np.ndarray:
         # plain floats: T is small and this runs once per interval

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..inject import adapter_layers
+from ..sampler.dynamic import conflict_means
 from .errors import DiagnosticsError
 from .head_geometry import cosine_from_gram
 from .probes import eval_mode, model_device, prepare_batch, task_of
@@ -101,17 +102,15 @@ def task_interference(model: nn.Module, probe: Mapping[str, Mapping], num_tasks:
 
 
 def interference_summary(matrix: np.ndarray) -> np.ndarray:
-    """[T] mean cosine of each task to the other tasks (NaN entries skipped; 0.0 if none), the
-    ``c_t`` that :class:`rlora.sampler.dynamic.DynamicBalancer` derives from the matrix passed to
-    ``TaskSampler.update(task_losses, conflict=matrix)``."""
+    """[T] mean cosine of each task to the other tasks (NaN entries skipped; a task with none
+    gets the mean of the known row means, 0.0 if no task is known): exactly the ``c_t`` that
+    :class:`rlora.sampler.dynamic.DynamicBalancer` derives from the matrix passed to
+    ``TaskSampler.update(task_losses, conflict=matrix)`` (both call
+    :func:`rlora.sampler.dynamic.conflict_means`)."""
     c = np.array(matrix, dtype=np.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise DiagnosticsError(f"interference_summary: expected a T x T matrix, got shape {c.shape}")
-    np.fill_diagonal(c, np.nan)
-    valid = np.isfinite(c)
-    sums = np.where(valid, c, 0.0).sum(axis=1)
-    counts = valid.sum(axis=1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    return conflict_means(c)
 
 
 __all__ = ["PER_TASK_PARAMETERS", "shared_adapter_params", "gradient_pass", "task_interference",

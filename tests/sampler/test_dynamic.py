@@ -89,7 +89,32 @@ def test_conflict_nan_entries_are_skipped():
     cfg = SamplerConfig(strategy="dynamic", dynamic_signal="loss_ratio+conflict")
     b = DynamicBalancer(np.array([1, 1, 1]), cfg)
     m = b._conflict_means(np.array([[1, np.nan, -0.5], [np.nan, 1, np.nan], [-0.5, np.nan, 1]]))
-    np.testing.assert_allclose(m, [-0.5, 0.0, -0.5])
+    np.testing.assert_allclose(m, [-0.5, -0.5, -0.5])  # task 1 has no pair: the mean of the known row means
+    m = b._conflict_means(np.array([[1, 0.2, np.nan], [0.2, 1, np.nan], [np.nan, np.nan, 1]]))
+    np.testing.assert_allclose(m, [0.2, 0.2, 0.2])
+    np.testing.assert_array_equal(b._conflict_means(np.full((3, 3), np.nan)), [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("probed", [200, 8, 2])
+def test_a_constant_conflict_matrix_leaves_the_probabilities_as_without_conflict(probed):
+    """T=200, every off-diagonal cosine 0.3, the first ``probed`` tasks probed (the rest NaN, as
+    after the first budgeted pass): every task gets the same c_t, so the probabilities equal
+    the loss_ratio-only ones (before the fix the 8 probed tasks were drawn 0.754x as often)."""
+    sizes = np.arange(1, 201) * 3
+    kw = {"dynamic_interval": 1, "dynamic_window": 1, "dynamic_conflict_weight": 1.0, "dynamic_floor": 0.1}
+    with_c = DynamicBalancer(sizes, SamplerConfig(strategy="dynamic", dynamic_signal="loss_ratio+conflict", **kw))
+    without = DynamicBalancer(sizes, SamplerConfig(strategy="dynamic", dynamic_signal="loss_ratio", **kw))
+    c = np.full((200, 200), np.nan)
+    c[:probed, :probed] = 0.3
+    np.fill_diagonal(c, 1.0)
+    losses = [1.0 + 0.01 * (t % 7) for t in range(200)]
+    for step in (1, 2):
+        with_c.observe(losses, step=step, conflict=c)
+        without.observe(losses, step=step)
+        losses = [v * (0.9 + 0.001 * t) for t, v in enumerate(losses)]
+    np.testing.assert_allclose(with_c.conflict, np.full(200, 0.3), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(with_c.probabilities, without.probabilities, rtol=1e-12, atol=0)
+    assert not np.allclose(with_c.probabilities, with_c.start_probabilities())  # the loss ratios did move them
 
 
 def test_same_feed_same_probabilities_and_draws():

@@ -351,7 +351,7 @@ def test_interference_summary_is_what_the_dynamic_sampler_uses():
     assert np.allclose(balancer.conflict, summary, atol=1e-12)
     partial = c.copy()
     partial[2, :] = partial[:, 2] = np.nan
-    assert np.allclose(D.interference_summary(partial), [c[0, 1], c[0, 1], 0.0])
+    assert np.allclose(D.interference_summary(partial), [c[0, 1], c[0, 1], c[0, 1]])  # unknown: mean of known
     assert np.array_equal(D.interference_summary(np.ones((1, 1))), [0.0])
 
 
