@@ -62,7 +62,9 @@ def check_pairing(records: list[dict]) -> None:
         first = by_seed.setdefault((r["seed"], r["sampler"]), r)
         if r["data_order"] != first["data_order"]:
             raise CompareError(f"cells {first['run_name']} and {r['run_name']} (seed {r['seed']}) trained on "
-                               "different data orders: pairing is broken; use a new --out")
+                               "different data orders, so they cannot be paired: check that no per-arm override "
+                               "changes the steps, batch sizes, workers or sampler, and that the data did not "
+                               "change between runs (then use a new --out)")
 
 
 def concurrency(cfg: RunConfig, local: bool) -> int:

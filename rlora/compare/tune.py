@@ -26,6 +26,12 @@ from ..config import ConfigError, RunConfig, apply_overrides, validate_config
 # keys that define the grid or the verdict itself: not tunable
 FIXED = ("adapter.method", "sampler.strategy", "trainer.seed", "eval.split", "eval.max_examples_per_task", "data.path",
          "data.tasks", "trainer.output_dir", "trainer.run_name")
+# keys that change which rows a seed's cells train on, or in which order: the verdict pairs two arms' cells of
+# one seed by their data order (runner.check_pairing), so two arms picking different values would break it
+ORDER = {"trainer.max_steps": "the number of batches drawn", "trainer.num_train_epochs": "the number of batches drawn",
+         "trainer.per_device_train_batch_size": "the batch boundaries",
+         "trainer.gradient_accumulation_steps": "the batch boundaries", "ray.num_workers": "each rank's batches",
+         "data.max_train_examples_per_task": "the training rows", "sampler": "the task sampling"}
 
 Arm = tuple[str, str]
 Score = Callable[[list[str]], Mapping[Arm, float]]
@@ -47,6 +53,11 @@ def parse_tune(items: Sequence[str], cfg: RunConfig) -> list[tuple[str, list[str
         if any(key == f or key.startswith(f + ".") for f in FIXED):
             raise ConfigError(f"--tune {key}: {key} defines the comparison itself and cannot be tuned; "
                               "tune another key")
+        order = next((ORDER[f] for f in ORDER if key == f or key.startswith(f + ".")), None)
+        if order is not None:
+            raise ConfigError(f"--tune {key}: {key} changes {order}, so arms picking different values would no "
+                              "longer train on the same data order and could not be paired; tune another key "
+                              "(e.g. trainer.learning_rate) or set it for all arms as an override")
         if key in [k for k, _ in out]:
             raise ConfigError(f"--tune {key} is given twice: list all its values in one --tune")
         raw = cfg.model_dump(mode="json")

@@ -18,6 +18,7 @@ CONFIG = REPO / "examples" / "configs" / "compare_cpu.yaml"
     (["--n-boot", "5"], "--n-boot must be >= 100, got 5"),
     (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),
     (["--tune", "trainer.learning_rate=1e-3"], "--tune 'trainer.learning_rate=1e-3': use KEY=V1,V2[,...]"),
+    (["--tune", "sampler.cap=10,20"], "--tune sampler.cap: sampler.cap changes the task sampling"),
     (["--val-rows", "50"], "--tune-steps and --val-rows only apply with --tune"),
     (["--tune", "trainer.learning_rate=1e-3,3e-3", "--tune-steps", "0"], "--tune-steps must be >= 1, got 0"),
     (["--sets", "mtl_cpu6,nosuchset"], "--sets nosuchset: "),

@@ -30,7 +30,13 @@ def test_parse_and_candidates(cfg):
     (["trainer.seed=1,2"], "trainer.seed defines the comparison itself"),
     (["trainer.lr=1,2"], "--tune trainer.lr: no such config key"),
     (["trainer.learning_rate=1e-3,2e-3", "trainer.learning_rate=3e-3,4e-3"], "is given twice"),
-    (["trainer.max_steps=10,0"], "--tune trainer.max_steps=0: .*trainer.max_steps must be >= 1, got 0"),
+    (["trainer.per_device_eval_batch_size=8,0"],
+     "--tune trainer.per_device_eval_batch_size=0: .*trainer.per_device_eval_batch_size must be >= 1, got 0"),
+    (["trainer.max_steps=10,20"], "--tune trainer.max_steps: trainer.max_steps changes the number of batches drawn"),
+    (["trainer.per_device_train_batch_size=2,4"], "per_device_train_batch_size changes the batch boundaries"),
+    (["trainer.gradient_accumulation_steps=1,2"], "gradient_accumulation_steps changes the batch boundaries"),
+    (["sampler.temperature=1,2"], "--tune sampler.temperature: sampler.temperature changes the task sampling, so "
+                                  "arms picking different values would no longer train on the same data order"),
 ])
 def test_bad_tune_specs_are_one_line_errors(cfg, items, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -81,3 +87,16 @@ def test_the_report_s_tuning_table_and_budget_line():
     assert "200 steps" in _tuning_table({**tuning, "steps": 200})[0]
     budget = {"mode": "total", "lora_rank": 15, "ranks": {"lora/p": 15, "mtl/p": 8}}
     assert _budget_lines(budget) == ["**Budget** `total`: LoRA rank 15; ranks lora/p 15, mtl/p 8."]
+
+
+def test_check_pairing_names_the_cells_and_does_not_blame_the_out_folder_alone():
+    from rlora.compare.cells import CompareError
+    from rlora.compare.runner import check_pairing
+
+    rec = dict(sampler="proportional", seed=42, row_ids={"a": [0, 1]})
+    with pytest.raises(CompareError, match=r"cells lora-s42 and hydra-s42 \(seed 42\) trained on different data "
+                                           r"orders, so they cannot be paired: check that no per-arm override") as e:
+        check_pairing([{**rec, "run_name": "lora-s42", "data_order": "x"},
+                       {**rec, "run_name": "hydra-s42", "data_order": "y"}])
+    assert "\n" not in str(e.value)
+    check_pairing([{**rec, "run_name": "lora-s42", "data_order": "x"}, {**rec, "run_name": "hydra-s42", "data_order": "x"}])
