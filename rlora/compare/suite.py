@@ -2,7 +2,8 @@
 
     for each set k (``--sets``; default: the config's ``data.path``, reported in OUT as before)
         [--tune]  carve a validation split from its training rows (OUT/data/<set>.val<R>-s<seed>)
-                  -> one cell per arm and candidate (first seed, --tune-steps) in OUT/<set>/tune/<candidate>
+                  -> one cell per arm and candidate (seed trainer.seed + --seeds, outside the verdict's seeds;
+                     --tune-steps) in OUT/<set>/tune/<candidate>
                   -> per arm the candidate with the best validation score
         the set's grid, every arm with its pick        -> OUT/<set>/{cells, compare.md, compare.json, forest.png}
     with several sets: pooled paired differences      -> OUT/pooled.md, pooled.json, forest_pooled.png
@@ -23,6 +24,13 @@ from .runner import Comparison, _write_json
 from .tune import Score, comparison_score, tune_arms
 
 Arm = tuple[str, str]
+
+
+def tuning_seed(seed: int, seeds: int) -> int:
+    """The tuning cells' ``trainer.seed``: ``seed + seeds``, just past the verdict's seeds ``seed .. seed + seeds - 1``.
+    Were it one of them, the winning tuning run would be that verdict cell's own run (same initialisation and
+    data order), and its lucky draw would carry over to the dev score."""
+    return seed + seeds
 
 
 class Suite:
@@ -72,12 +80,14 @@ class Suite:
             carved = carve_validation(folder, self.out / "data" / f"{name or folder.name}.val{self.val_rows}-s{seed}",
                                       self.val_rows, seed)
             cfg.data.path = str(carved)
-            score: Score = (self.score(name, cfg) if self.score else
-                            comparison_score(cfg, self.arms, self.baseline, self.budget, out / "tune", self.tune_steps,
-                                             self.local, self.verbose))
+            tcfg = cfg.model_copy(deep=True)
+            tcfg.trainer.seed = tuning_seed(seed, self.seeds)
+            score: Score = (self.score(name, tcfg) if self.score else
+                            comparison_score(tcfg, self.arms, self.baseline, self.budget, out / "tune",
+                                             self.tune_steps, self.local, self.verbose))
             picks = tune_arms(self.arms, self.tune, score)
             overrides = {(p["method"], p["sampler"]): p["overrides"] for p in picks}
-            tuning = {"keys": [k_ for k_, _ in self.tune], "seed": seed, "val_rows": self.val_rows,
+            tuning = {"keys": [k_ for k_, _ in self.tune], "seed": tcfg.trainer.seed, "val_rows": self.val_rows,
                       "steps": self.tune_steps or cfg.trainer.max_steps, "data": str(carved), "picks": picks}
             for p in picks:
                 print(f"[rlora] compare: tuned {p['method']}/{p['sampler']}: {p['picked']} (validation "

@@ -2,8 +2,9 @@
 
 For one data set and each arm (method, sampler): every candidate setting (the values of one ``--tune``,
 or the product of several) trains one cell on the set's carved folder
-(:func:`~rlora.compare.datasets.carve_validation`: the training rows less ``val_rows`` per task), with the
-first seed (``trainer.seed``) and ``steps`` optimizer steps (default: the config's), and is scored on
+(:func:`~rlora.compare.datasets.carve_validation`: the training rows less ``val_rows`` per task), with
+seed ``trainer.seed + seeds`` (outside the verdict's seeds ``trainer.seed + 0 .. seeds - 1``, so the winning
+tuning run is not one of the verdict's own runs) and ``steps`` optimizer steps (default: the config's), and is scored on
 the carved **validation** rows (``eval.split = val``, every row). The score is the macro mean of the
 per-task validation accuracies; the pick is the candidate with the highest score, a tie going to the
 candidate listed first. The verdict's cells then train every seed with their arm's pick on the same
@@ -120,7 +121,7 @@ def folder_name(overrides: Sequence[str]) -> str:
 
 def comparison_score(cfg: RunConfig, arms: Sequence[Arm], baseline: str, budget: str, out: Path, steps: Optional[int],
                      local: bool, verbose: bool) -> Score:
-    """The default ``score``: one resumable cell per arm (first seed) under ``out/<candidate>``, scored as
+    """The default ``score``: one resumable cell per arm (``cfg``'s seed, the tuning seed) under ``out/<candidate>``, scored as
     the macro mean of its validation accuracies."""
     from .runner import Comparison
 

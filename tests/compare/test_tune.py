@@ -100,3 +100,34 @@ def test_check_pairing_names_the_cells_and_does_not_blame_the_out_folder_alone()
                        {**rec, "run_name": "hydra-s42", "data_order": "y"}])
     assert "\n" not in str(e.value)
     check_pairing([{**rec, "run_name": "lora-s42", "data_order": "x"}, {**rec, "run_name": "hydra-s42", "data_order": "x"}])
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_tuning_seeds_are_disjoint_from_the_verdict_s(tmp_path, monkeypatch, seeds):
+    """Suite hands the tuning score a config seeded past the verdict's seeds; the verdict gets trainer.seed."""
+    import rlora.compare.suite as suite
+    from helpers import write_tasks
+
+    write_tasks(tmp_path / "d", n_train=24, n_dev=4)
+    cfg = run_config(tmp_path / "model", tmp_path / "d", tmp_path, trainer__seed=7)
+    seen = {}
+
+    class Verdict:
+        def __init__(self, c, arms, n, *a, **kw):
+            # the verdict's seeds are trainer.seed + 0 .. n - 1 (grid.plan)
+            seen["verdict"] = list(range(c.trainer.seed, c.trainer.seed + n))
+            seen["tuning"] = kw["tuning"]["seed"]
+            self.cell_records = []
+
+        def run(self):
+            return {}
+
+    def score(name, c):
+        seen["score"] = c.trainer.seed
+        return lambda overrides: {("lora", "proportional"): 0.5}
+
+    monkeypatch.setattr(suite, "Comparison", Verdict)
+    suite.Suite(cfg, [("lora", "proportional")], seeds, "lora", "ab", tmp_path / "out",
+                tune=[("trainer.learning_rate", ["1e-3", "2e-3"])], val_rows=4, score=score).run()
+    assert seen["verdict"] == list(range(7, 7 + seeds))
+    assert seen["score"] == seen["tuning"] == 7 + seeds and seen["score"] not in seen["verdict"]
