@@ -226,28 +226,34 @@ def pooled_markdown(pooled: Mapping) -> str:
 
 def pooled_forest_plot(pooled: Mapping, path: PathLike) -> Path:
     """PNG forest plot of :func:`~rlora.compare.pooled.pool_sets`: one panel per comparison, one row per set
-    (dot and interval) and the pooled row (a diamond) at the bottom, coloured by verdict; a line at 0."""
+    (dot and interval) and the pooled row (a diamond) at the bottom, coloured by verdict; a line at 0.
+
+    Set ``i`` of ``pooled["sets"]`` (of ``S``) is always drawn at ``y = S - i`` and the pooled row at ``y = 0``
+    in every panel, so a comparison without cells on some set leaves that row empty."""
     comparisons = pooled["comparisons"]
     if not comparisons:
         raise CompareError("the pooled summary has no comparison to plot: it needs the baseline and another method")
     rows = len(pooled["sets"]) + 1
     fig = Figure(figsize=(4.2 * len(comparisons) + 2.5, 1.6 + 0.45 * rows))
     axes = fig.subplots(1, len(comparisons), sharey=True, squeeze=False)[0]
+    names = [*pooled["sets"], "pooled"]
+    ys = dict(zip(names, range(rows - 1, -1, -1)))
     for k, (ax, c) in enumerate(zip(axes, comparisons)):
         p = c["pooled"]
         entries = [(name, r, "o") for name, r in p["sets"].items()] + [("pooled", p, "D")]
-        names = []
-        for y, (name, r, marker) in zip(range(rows - 1, -1, -1), entries):
-            colour = VERDICT_COLOURS[r["verdict"]]
+        for name, r, marker in entries:
+            if name not in ys:
+                raise CompareError(f"comparison {c['label']} has a line for set {name!r}, which is not among the "
+                                   f"pooled sets {list(pooled['sets'])}")
+            y, colour = ys[name], VERDICT_COLOURS[r["verdict"]]
             ax.hlines(y, 100 * r["lo"], 100 * r["hi"], color=colour, linewidth=2 if marker == "o" else 3.5)
             ax.plot([100 * r["diff"]], [y], marker, color=colour, markersize=6 if marker == "o" else 9)
-            names.append(name)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_title(c["label"], fontsize=10)
         ax.set_xlabel("A − B (points)")
         ax.grid(axis="x", alpha=0.3)
         if k == 0:
-            ax.set_yticks(list(range(rows - 1, -1, -1)), names)
+            ax.set_yticks(list(ys.values()), names)
     ax.set_ylim(-0.7, rows - 0.3)
     level = f"{100 * pooled['level']:g} %"
     fig.suptitle(f"Per set and pooled (diamond) paired differences with {level} stratified bootstrap intervals",

@@ -95,6 +95,19 @@ def test_bad_weights(weights, match):
         set_weights({"x": 2, "y": 3}, weights)
 
 
+def forest_rows(pooled, tmp_path):
+    """The y of every marker per panel of the pooled forest plot; checks the first panel's tick labels."""
+    figures = []
+    save = Figure.savefig
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+        pooled_forest_plot(pooled, tmp_path / "rows.png")
+    ax0 = figures[0].axes[0]
+    assert [t.get_text() for t in ax0.get_yticklabels()] == [*pooled["sets"], "pooled"]
+    assert list(ax0.get_yticks()) == list(range(len(pooled["sets"]), -1, -1))
+    return [[float(l.get_ydata()[0]) for l in ax.lines if l.get_marker() in ("o", "D")] for ax in figures[0].axes]
+
+
 def test_pool_sets_report_json_and_plot(tmp_path):
     """pool_sets compares every method with the baseline on the sets that have both; a set without one arm is
     noted and left out of that comparison; the markdown, JSON and plot are written from the summary."""
@@ -113,6 +126,11 @@ def test_pool_sets_report_json_and_plot(tmp_path):
     assert to_json(pooled)["comparisons"][0]["pooled"]["method"] == "stratified hierarchical bootstrap"
     png = pooled_forest_plot(pooled, tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # rows by set, not by position: hydra has no s2 row (y = 1 stays empty) and its pooled diamond is at y = 0
+    assert forest_rows(pooled, tmp_path) == [[3, 2, 1, 0], [3, 2, 0]]
+    # the first comparison without a set (hydra first): labelled ticks for every set, hydra's rows at their sets'
+    first = dict(pooled, comparisons=pooled["comparisons"][::-1])
+    assert forest_rows(first, tmp_path) == [[3, 2, 0], [3, 2, 1, 0]]
     with pytest.raises(CompareError, match="baseline_method 'x' has no cells"):
         pool_sets(sets, "x")
 
@@ -219,7 +237,7 @@ def test_pooled_forest_plot_content(monkeypatch, tmp_path):
     assert [ax.get_title() for ax in fig.axes] == ["mtl vs lora (p)", "hydra vs lora (p)", "rlora vs lora (p)"]
     expected = [[(2, 0.05, -0.0004, 0.1234, "o", grey, 2.0), (1, 0.071, 0.013, 0.142, "o", green, 2.0),
                  (0, 0.069, 0.021, 0.118, "D", green, 3.5)],
-                [(2, -0.1, -0.2, -0.031, "o", red, 2.0), (1, -0.1, -0.2, -0.031, "D", red, 3.5)]]
+                [(2, -0.1, -0.2, -0.031, "o", red, 2.0), (0, -0.1, -0.2, -0.031, "D", red, 3.5)]]  # no s1 row
     for ax, rows in zip(fig.axes, expected):
         dots = [l for l in ax.lines if l.get_marker() in ("o", "D")]
         assert len(ax.collections) == len(dots) == len(rows)
