@@ -14,8 +14,8 @@ over all tasks of all sets), or an explicit ``{set: weight}`` (normalised to sum
 **Interval.** Replicate ``b``: within every set independently, the paired hierarchical bootstrap of
 :mod:`rlora.compare.bootstrap` (seeds, then dev rows within each drawn seed and task, the same rows for
 both arms) gives ``d*_k[b]``; the pooled replicate is ``D*[b] = sum_k w_k d*_k[b]`` and the interval is
-the percentile interval of ``D*``. Set ``k`` is drawn with ``numpy.random.default_rng(seed + k)`` (k from
-0 in the order given), exactly the generator and draws of :func:`~rlora.compare.stats.paired_differences`
+the percentile interval of ``D*``. Set ``k`` is drawn with ``numpy.random.default_rng(seed + k)`` (k: the
+set's index among all the sets given, from 0, also in a comparison that lacks an earlier set), exactly the generator and draws of :func:`~rlora.compare.stats.paired_differences`
 with ``seed = seed + k``, so each set's line in the pooled report is that set's own result, and the
 sets' streams are independent (numpy's SeedSequence), as their models are.
 
@@ -35,7 +35,7 @@ pooled verdict is marked ``sets disagree`` when one set's interval lies above 0 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -102,10 +102,13 @@ def heterogeneity(diffs: Sequence[float], variances: Sequence[float]) -> dict:
 
 
 def pooled_difference(per_set: Mapping[str, tuple[Sequence[Mapping], Sequence[Mapping]]], weights: Weights = "sets",
-                      n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+                      n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                      set_seeds: Optional[Mapping[str, int]] = None) -> dict:
     """Macro-mean difference ``a - b`` pooled over sets, with its stratified bootstrap interval.
 
-    ``per_set``: ``{set name: (cells of arm a, cells of arm b)}`` in report order. Returns::
+    ``per_set``: ``{set name: (cells of arm a, cells of arm b)}`` in report order. Set ``k`` of ``per_set``
+    bootstraps with seed ``seed + k``, or ``set_seeds[name]`` where given (:func:`pool_sets` passes each set's
+    index among all its sets, so a set's line stays its own report's when another set lacks an arm). Returns::
 
         {"method": "stratified hierarchical bootstrap", "weighting": str | "explicit",
          "weights": {set: w}, "n_boot", "level", "rng_seed",
@@ -117,7 +120,8 @@ def pooled_difference(per_set: Mapping[str, tuple[Sequence[Mapping], Sequence[Ma
     check_bootstrap_args(n_boot, seed, level)
     if not per_set:
         raise CompareError("per_set is empty: pass {set name: (cells of arm a, cells of arm b)} for at least one set")
-    reps = {name: paired_replicates(a, b, n_boot, seed + k) for k, (name, (a, b)) in enumerate(per_set.items())}
+    seeds = {name: int(set_seeds[name]) if set_seeds is not None else seed + k for k, name in enumerate(per_set)}
+    reps = {name: paired_replicates(a, b, n_boot, seeds[name]) for name, (a, b) in per_set.items()}
     w = set_weights({name: len(r["tasks"]) for name, r in reps.items()}, weights)
     tail = (1 - level) / 2
     sets, pooled_boot, pooled_obs = {}, np.zeros(int(n_boot)), np.zeros(2)
@@ -128,7 +132,7 @@ def pooled_difference(per_set: Mapping[str, tuple[Sequence[Mapping], Sequence[Ma
         sets[name] = {"a": float(obs[0]), "b": float(obs[1]), "diff": float(obs[0] - obs[1]), "lo": lo, "hi": hi,
                       "half_width": (hi - lo) / 2, "verdict": verdict(lo, hi), "weight": w[name],
                       "n_seeds": len(r["seeds"]), "seeds": r["seeds"], "n_tasks": len(r["tasks"]),
-                      "rng_seed": int(seed + k), "var": float(np.var(boot, ddof=1)) if n_boot > 1 else 0.0}
+                      "rng_seed": seeds[name], "var": float(np.var(boot, ddof=1)) if n_boot > 1 else 0.0}
         pooled_boot += w[name] * boot
         pooled_obs += w[name] * obs
     lo, hi = (float(x) for x in np.quantile(pooled_boot, [tail, 1 - tail]))
@@ -151,10 +155,15 @@ def pool_sets(cells_by_set: Mapping[str, Sequence[Mapping]], baseline_method: st
     "arms": [{"method", "sampler", "sets": {set: macro mean}, "mean": weighted mean}],
     "comparisons": [{"kind": "method", "label", "a", "b", "pooled": pooled_difference(...)}], "notes"}``.
     An arm pair is pooled only over sets where both arms have cells; pairs missing from some set are noted.
+    Set ``k`` of ``cells_by_set`` (its index among all the sets) bootstraps with seed ``seed + k`` in every
+    comparison, as in its own report.
     """
     check_bootstrap_args(n_boot, seed, level)
     if not cells_by_set:
         raise CompareError("cells_by_set is empty: pass {set name: cells} for at least one set")
+    if not isinstance(weights, str) and isinstance(weights, Mapping) and set(weights) != set(cells_by_set):
+        raise CompareError(f"weights name the sets {sorted(weights)} but cells_by_set has {sorted(cells_by_set)}: "
+                           "give one weight per set")
     arms_by_set = {name: group_arms(check_cells(cells, f"set {name}")) for name, cells in cells_by_set.items()}
     all_arms = list(dict.fromkeys(arm for arms in arms_by_set.values() for arm in arms))
     methods = list(dict.fromkeys(m for m, _ in all_arms))
@@ -162,6 +171,7 @@ def pool_sets(cells_by_set: Mapping[str, Sequence[Mapping]], baseline_method: st
     if baseline_method not in methods:
         raise CompareError(f"baseline_method {baseline_method!r} has no cells (methods present: {methods})")
     comparisons, notes = [], []
+    index = {name: k for k, name in enumerate(cells_by_set)}
     for sampler in samplers:
         base = (baseline_method, sampler)
         for method in methods:
@@ -180,7 +190,8 @@ def pool_sets(cells_by_set: Mapping[str, Sequence[Mapping]], baseline_method: st
             comparisons.append({"kind": "method", "label": f"{method} vs {baseline_method} ({sampler})",
                                 "a": {"method": method, "sampler": sampler},
                                 "b": {"method": baseline_method, "sampler": sampler},
-                                "pooled": pooled_difference(per, w, n_boot=n_boot, seed=seed, level=level)})
+                                "pooled": pooled_difference(per, w, n_boot=n_boot, seed=seed, level=level,
+                                                            set_seeds={name: seed + index[name] for name in have})})
     arms = []
     for arm in all_arms:
         means = {name: float(np.mean([np.mean([c["correct"][t].mean() for c in arms[arm]])

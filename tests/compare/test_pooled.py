@@ -67,6 +67,25 @@ def test_each_set_line_is_that_set_s_own_paired_bootstrap_with_seed_plus_k():
     assert r["hi"] - r["lo"] < 0.8 * np.mean(widths)
 
 
+def test_a_set_keeps_its_own_seed_when_an_earlier_set_lacks_an_arm():
+    """hydra has no cells on s0: its s1 line still bootstraps with seed + 1 (s1's index), as s1's own report."""
+    sets = {"s0": grid({"lora": 0.5, "mtl": 0.55}, samplers=("p",), seed=3),
+            "s1": grid({"lora": 0.5, "mtl": 0.55, "hydra": 0.6}, samplers=("p",), seed=4)}
+    pooled = pool_sets(sets, "lora", "p", n_boot=200, seed=5)
+    hydra = next(c for c in pooled["comparisons"] if c["a"]["method"] == "hydra")["pooled"]["sets"]["s1"]
+    cells = sets["s1"]
+    own = paired_differences([c for c in cells if c["method"] == "hydra"], [c for c in cells if c["method"] == "lora"],
+                             ["mean"], n_boot=200, seed=6)["results"]["mean"]
+    assert (hydra["diff"], hydra["lo"], hydra["hi"], hydra["rng_seed"]) == (own["diff"], own["lo"], own["hi"], 6)
+
+
+def test_pool_sets_with_weights_missing_a_set_is_a_one_line_error():
+    sets = {f"s{k}": grid({"lora": 0.5, "mtl": 0.55}, samplers=("p",), seed=k) for k in range(2)}
+    with pytest.raises(CompareError) as err:
+        pool_sets(sets, "lora", "p", weights={"s0": 1.0}, n_boot=100)
+    assert str(err.value) == ("weights name the sets ['s0'] but cells_by_set has ['s0', 's1']: give one weight per set")
+
+
 def test_cochran_q_and_chi_square_tail():
     # chi-square 95 % points: df 1 3.8415, df 2 5.9915, df 3 7.8147, df 4 9.4877
     for x, df in [(3.841458820694124, 1), (5.991464547107979, 2), (7.814727903251178, 3), (9.487729036781154, 4)]:
