@@ -146,6 +146,37 @@ class ProbePlan:
         self.latest[ok] = m[ok]
         return self.latest.copy()
 
+    def state_dict(self) -> dict:
+        """Everything the plan needs to go on after a resume, JSON-serialisable (NaN entries of the
+        stored matrix as ``None``)."""
+        latest = None if self.latest is None else [[v if math.isfinite(v) else None for v in row]
+                                                   for row in self.latest.tolist()]
+        return {"num_tasks": self.num_tasks, "seed": self.seed, "cycle": self.cycle, "position": self.position,
+                "order": list(self.order), "spent_s": self.spent_s, "fixed_s": self.fixed_s,
+                "per_task_s": self.per_task_s, "passes": self.passes, "figures_s": self.figures_s,
+                "latest": latest}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ProbePlan":
+        """The plan :meth:`state_dict` saved (``ValueError`` naming the problem when malformed)."""
+        try:
+            latest = state["latest"]
+            plan = cls(num_tasks=int(state["num_tasks"]), seed=int(state["seed"]), cycle=int(state["cycle"]),
+                       position=int(state["position"]), order=[int(t) for t in state["order"]],
+                       spent_s=float(state["spent_s"]),
+                       fixed_s=None if state["fixed_s"] is None else float(state["fixed_s"]),
+                       per_task_s=None if state["per_task_s"] is None else float(state["per_task_s"]),
+                       passes=int(state["passes"]),
+                       figures_s=None if state["figures_s"] is None else float(state["figures_s"]),
+                       latest=None if latest is None else np.array(
+                           [[np.nan if v is None else float(v) for v in row] for row in latest], dtype=np.float64))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"probe plan state is malformed ({err!r}): pass the dict from ProbePlan.state_dict()") from None
+        if plan.latest is not None and plan.latest.shape != (plan.num_tasks, plan.num_tasks):
+            raise ValueError(f"probe plan state: stored matrix has shape {plan.latest.shape}, "
+                             f"expected ({plan.num_tasks}, {plan.num_tasks})")
+        return plan
+
     def budget_line(self, step: int, probed: int, pairs: int, probe_s: float, pass_s: float,
                     fraction: Optional[float], train_s: float, figures: bool = True) -> str:
         """The console line of a pass: what was probed, how long it took, against the budget."""

@@ -214,6 +214,8 @@ class Trainer:
         self.data.sampler.load_state_dict(state["sampler"])
         self.results_before = state.get("results_before")
         self.data_order = state.get("data_order", "")
+        self._plan_state = state.get("probe_plan")  # the diagnostics rotation goes on where it stopped
+        self._train_s_before = float(state.get("train_seconds") or 0.0)
         run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
         self._say(f"[rlora] resumed from {best} at step {self.step}/{self.total_steps}")
 
@@ -303,10 +305,15 @@ class Trainer:
         with self.clock.side():
             if not hasattr(self, "_probe"):
                 self._probe = make_probe(self.data.tokenized, self.data.names, self.data.pad_id, dc.probe_batch_size)
-                self._plan = ProbePlan(len(self.data.names), seed=self.cfg.trainer.seed)
-            train_s, steps = self._train_s(), max(1, self.step - (self.resumed_from or 0))
+                saved = getattr(self, "_plan_state", None)  # the rotation, timings and matrix before a resume
+                if saved is not None and int(saved.get("num_tasks", -1)) == len(self.data.names):
+                    self._plan = ProbePlan.from_state(saved)
+                else:
+                    self._plan = ProbePlan(len(self.data.names), seed=self.cfg.trainer.seed)
+            steps = max(1, self.step - (self.resumed_from or 0))
+            train_s, step_s = self._train_s(), self._train_s(total=False) / steps
             t = self.cfg.trainer
-            k = gather_objects(self._plan.choose(dc.max_time_fraction, train_s, train_s / steps, dc.probe_batch_size,
+            k = gather_objects(self._plan.choose(dc.max_time_fraction, train_s, step_s, dc.probe_batch_size,
                                                  t.per_device_train_batch_size * t.gradient_accumulation_steps))[0]
             subset = [self.data.names[i] for i in self._plan.next_subset(k)]
             probe = {n: self._probe[n] for n in subset if n in self._probe}
@@ -321,9 +328,12 @@ class Trainer:
         self._diag_s = time.time() - t0
         return None if diag.conflict is None else self._plan.merge(diag.conflict)
 
-    def _train_s(self) -> float:
-        """Training seconds of this invocation so far: the loop's wall time less side work."""
-        return time.time() - (self.clock.loop_start or self.clock.start) - self.clock.side_s
+    def _train_s(self, total: bool = True) -> float:
+        """Training seconds so far: the loop's wall time less side work, of this invocation
+        (``total=False``) or plus those of the invocations before a resume (the probe budget's S,
+        which the restored plan's spent seconds D are measured against)."""
+        now = time.time() - (self.clock.loop_start or self.clock.start) - self.clock.side_s
+        return now + (getattr(self, "_train_s_before", 0.0) if total else 0.0)
 
     def plot_diagnostics(self) -> None:
         """Rank 0 writes the plots of this step's diagnostics pass, after :meth:`log`, so the
@@ -389,7 +399,9 @@ class Trainer:
                 "global_step": self.step, "sampler": self.data.sampler.state_dict(),
                 "run_name": self.run["run_name"], "mlflow_run_id": self.run.get("mlflow_run_id"),
                 "results_before": self.results_before, "total_steps": self.total_steps,
-                "data_order": self.data_order})
+                "data_order": self.data_order,
+                "probe_plan": self._plan.state_dict() if hasattr(self, "_plan") else None,
+                "train_seconds": self._train_s()})
             if write is not None:
                 write(Path(d))
             self.rt.report({"global_step": self.step, "loss": self.loss_hist[-1] if self.loss_hist else float("nan")},

@@ -137,3 +137,40 @@ def test_max_time_fraction_out_of_range_is_a_one_line_error(bad):
     with pytest.raises(ConfigError, match=r"diagnostics.max_time_fraction must be in \(0, 1\] or null") as err:
         load_config(None, [f"diagnostics.max_time_fraction={bad}"])
     assert "\n" not in str(err.value)
+
+
+def _drive(plan, passes, rng):
+    """A fixed sequence of passes: choose k, take the subset, merge a partial matrix, record timings."""
+    out = []
+    for _ in range(passes):
+        k = plan.choose(0.1, train_s=15.0 * (plan.passes + 1), step_s=0.5, probe_rows=2, step_rows=4)
+        subset = plan.next_subset(k)
+        m = np.full((plan.num_tasks, plan.num_tasks), np.nan)
+        m[np.ix_(subset, subset)] = rng.uniform(-1, 1, (len(subset), len(subset)))
+        merged = plan.merge(m)
+        plan.record(pass_s=1.0 + 0.1 * len(subset), probe_s=0.1 * len(subset), probed=len(subset),
+                    figures_s=0.5 if plan.passes % 2 else None)
+        out.append((k, subset, merged))
+    return out
+
+
+def test_a_plan_split_by_save_and_restore_goes_on_as_one_straight_plan():
+    import json
+
+    straight = _drive(ProbePlan(23, seed=5), 12, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    first = ProbePlan(23, seed=5)
+    head = _drive(first, 5, rng)
+    state = json.loads(json.dumps(first.state_dict(), allow_nan=False))  # plain JSON: NaN stored as null
+    restored = ProbePlan.from_state(state)
+    assert restored.passes == 5 and restored.cycle == first.cycle and restored.position == first.position
+    tail = _drive(restored, 7, rng)
+    assert [k for k, _, _ in straight] == [k for k, _, _ in head + tail]
+    assert [s for _, s, _ in straight] == [s for _, s, _ in head + tail]
+    assert all(np.array_equal(a, b, equal_nan=True) for (_, _, a), (_, _, b) in zip(straight, head + tail))
+    assert restored.passes == 12 and restored.spent_s == pytest.approx(sum(1.0 + 0.1 * len(s) for _, s, _ in straight))
+    fresh = _drive(ProbePlan(23, seed=5), 7, np.random.default_rng(1))  # what a resume without the state did
+    assert [s for _, s, _ in fresh] != [s for _, s, _ in tail]
+    assert ProbePlan.from_state(ProbePlan(4).state_dict()).latest is None
+    with pytest.raises(ValueError, match="probe plan state is malformed"):
+        ProbePlan.from_state({"num_tasks": 3})

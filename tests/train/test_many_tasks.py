@@ -46,6 +46,37 @@ def test_max_time_fraction_sets_how_many_tasks_a_pass_probes(tiny_model_dir, tmp
     assert t._plan.passes == 1
 
 
+def test_the_probe_rotation_goes_on_after_a_resume(tiny_model_dir, tmp_path):
+    """12 tasks, a tiny budget: the first run's pass (step 2) probes the floor of 8 and is checkpointed with the
+    trainer state; the resumed run's pass (step 4) is its second, so no floor (the share is spent: no probe), and
+    the sampler still gets the first run's 8-task matrix (before, the plan restarted: floor again, matrix lost)."""
+    import json
+
+    from rlora.train.loop import Trainer
+    from rlora.train.runtime import LocalRuntime
+
+    store = tmp_path / "store"
+    data = write_many(tmp_path / "data", 12)
+
+    def fit(steps):
+        cfg = run_config(tiny_model_dir, data, tmp_path / "out", trainer__max_steps=steps, trainer__save_steps=2,
+                         diagnostics__every_n_steps=2, diagnostics__max_time_fraction=1e-9, mlflow__enabled=False,
+                         eval__max_examples_per_task=0, trainer__lr_scheduler_type="constant")
+        t = Trainer(cfg, LocalRuntime(store), {"run_name": "rot", "started_at": 0.0, "storage_dir": str(store)},
+                    progress=False)
+        t.fit()
+        return t
+
+    first = fit(2)
+    saved = json.loads((store / "checkpoint_000002" / "trainer_state.json").read_text())["probe_plan"]
+    assert saved == first._plan.state_dict() and saved["passes"] == 1
+    assert sum(v is not None for row in saved["latest"] for v in row) == 8 * 8
+    again = fit(4)
+    assert again.resumed_from == 2 and again._plan.passes == 2
+    assert int(np.isfinite(again._plan.latest).sum()) == 8 * 8  # no new probe, the stored matrix kept
+    assert again._plan.spent_s > first._plan.spent_s
+
+
 @pytest.mark.slow
 def test_a_200_task_run_finishes_with_a_bounded_record(tiny_model_dir, many_tasks, tmp_path, capfd):
     from mlflow.tracking import MlflowClient
