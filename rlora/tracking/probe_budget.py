@@ -18,8 +18,9 @@ subsets **rotate**:
   before any, :data:`FIGURES_GUESS_S`) and ``p`` the seconds per probed task (the last pass's; before any
   pass, a training step's seconds scaled by probe rows / step rows),
 
-      k = clamp(⌊(A − g − φ) / p⌋, floor, T),   floor = min(T, MIN_PROBE_TASKS) in a run's first pass
-                                                 and whenever T <= MIN_PROBE_TASKS, else 0.
+      k = max(floor, k'),  k' = min(⌊(A − g − φ) / p⌋, T) if that is >= 2, else 0
+                          (one task gives no pair but costs a backward),
+      floor = min(T, MIN_PROBE_TASKS) in a run's first pass and whenever T <= MIN_PROBE_TASKS, else 0.
 
   The PNG figures of a pass (the bulk of ``g``; their data, .json and .csv, are always written) are
   drawn when the allowance left after the probe covers them (the last drawn figures' seconds; before
@@ -71,8 +72,8 @@ def tasks_within_budget(num_tasks: int, fraction: Optional[float], train_s: floa
     if fraction is None:
         return num_tasks
     allowance = fraction * max(train_s, 0.0) - spent_s - fixed_s
-    k = int(allowance // per_task_s) if per_task_s > 0 else num_tasks
-    return max(floor, min(num_tasks, k))
+    k = min(num_tasks, int(allowance // per_task_s) if per_task_s > 0 else num_tasks)
+    return max(floor, k if k >= 2 else 0)  # a single probed task gives no pair: not worth its backward
 
 
 @dataclass

@@ -40,6 +40,20 @@ def test_tasks_within_budget():
     assert tasks_within_budget(200, 0.1, train_s=1e4, spent_s=0, fixed_s=0, per_task_s=0.5) == 200
     assert tasks_within_budget(200, None, train_s=0, spent_s=9, fixed_s=9, per_task_s=9) == 200
     assert tasks_within_budget(5, 0.1, train_s=0, spent_s=9, fixed_s=9, per_task_s=9) == 5  # below the floor: all
+    # allowance 0.1 * 100 - 2 - 1 = 7 s: 7 s a task affords one (no pair: none), 3.5 s two
+    assert tasks_within_budget(200, 0.1, train_s=100, spent_s=2, fixed_s=1, per_task_s=7.0, first=False) == 0
+    assert tasks_within_budget(200, 0.1, train_s=100, spent_s=2, fixed_s=1, per_task_s=3.5, first=False) == 2
+    assert tasks_within_budget(1, 0.1, train_s=0, spent_s=9, fixed_s=9, per_task_s=9, first=False) == 1  # T <= 8: all
+
+
+def test_a_larger_time_fraction_probes_more_tasks():
+    """Fixed timings (100 s of training, 2 s spent, 1 s fixed, 0.5 s a task, not a first pass): k grows with
+    diagnostics.max_time_fraction, from no probe up to all tasks; None probes all."""
+    ks = [tasks_within_budget(200, f, train_s=100, spent_s=2, fixed_s=1, per_task_s=0.5, first=False)
+          for f in (0.01, 0.05, 0.1, 0.5, 1.0)]
+    assert ks == [0, 4, 14, 94, 194]
+    plan = ProbePlan(200, passes=1, spent_s=2.0, fixed_s=1.0, per_task_s=0.5, figures_s=0.0)
+    assert [plan.choose(f, 100.0, 1.0, 2, 4) for f in (0.01, 0.05, 0.1, 0.5, 1.0, None)] == ks + [200]
 
 
 def test_plan_estimates_a_task_from_the_step_time_then_from_the_last_pass():

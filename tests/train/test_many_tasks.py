@@ -46,6 +46,22 @@ def test_max_time_fraction_sets_how_many_tasks_a_pass_probes(tiny_model_dir, tmp
     assert t._plan.passes == 1
 
 
+def test_the_configured_time_fraction_reaches_the_probe_budget(tiny_model_dir, tmp_path, monkeypatch):
+    """diagnostics.max_time_fraction is the fraction ProbePlan.choose budgets with (its effect on k, with fixed
+    timings: tests/tracking/test_probe_budget.py::test_a_larger_time_fraction_probes_more_tasks)."""
+    from rlora.tracking.probe_budget import ProbePlan
+    from rlora.train.loop import Trainer
+    from rlora.train.runtime import LocalRuntime
+
+    seen, choose = [], ProbePlan.choose
+    monkeypatch.setattr(ProbePlan, "choose", lambda self, fraction, *a: seen.append(fraction) or choose(self, fraction, *a))
+    cfg = run_config(tiny_model_dir, write_many(tmp_path / "data", 12), tmp_path / "out", trainer__max_steps=4,
+                     diagnostics__every_n_steps=2, diagnostics__max_time_fraction=0.37, mlflow__enabled=False,
+                     eval__max_examples_per_task=0)
+    Trainer(cfg, LocalRuntime(None), {"run_name": "fraction", "started_at": 0.0}, progress=False).fit()
+    assert seen == [0.37, 0.37]
+
+
 def test_the_probe_rotation_goes_on_after_a_resume(tiny_model_dir, tmp_path):
     """12 tasks, a tiny budget: the first run's pass (step 2) probes the floor of 8 and is checkpointed with the
     trainer state; the resumed run's pass (step 4) is its second, so no floor (the share is spent: no probe), and
