@@ -377,11 +377,13 @@ def results_table(summary: dict, whole: bool = False) -> str:
     if summarised:
         key = {t: (after.get(t) or before.get(t) or {}).get("accuracy") for t in tasks}
         ranked = sorted((t for t in tasks if key[t] is not None and key[t] == key[t]), key=key.__getitem__)
-        worst, best = ranked[:SUMMARY_EACH], ranked[-SUMMARY_EACH:][::-1]
-        lines.append(f"| *worst {SUMMARY_EACH} of {len(tasks)}* | | | | | |")
+        # fewer than 2 x SUMMARY_EACH ranked tasks: "best" takes only those not already listed as worst
+        worst, best = ranked[:SUMMARY_EACH], ranked[max(SUMMARY_EACH, len(ranked) - SUMMARY_EACH):][::-1]
+        lines.append(f"| *worst {len(worst)} of {len(tasks)}* | | | | | |")
         lines += [rows[t] for t in worst]
-        lines.append(f"| *best {SUMMARY_EACH} of {len(tasks)}* | | | | | |")
-        lines += [rows[t] for t in best]
+        if best:
+            lines.append(f"| *best {len(best)} of {len(tasks)}* | | | | | |")
+            lines += [rows[t] for t in best]
     else:
         lines += [rows[t] for t in tasks]
     if accs_a:

@@ -192,3 +192,18 @@ def test_verbose_shows_library_output_on_the_console_instead_of_the_log(tiny_mod
     assert (tmp_path / "out" / "quiet" / "logs" / "run.log").stat().st_size > 0
     assert train("loud", "--verbose")
     assert not (tmp_path / "out" / "loud" / "logs" / "run.log").exists()
+
+
+@pytest.mark.parametrize("finite,worst,best", [(7, 5, 2), (3, 3, 0), (12, 5, 5)])
+def test_the_summarised_results_table_lists_each_task_once(finite, worst, best):
+    """25 tasks (summarised), only `finite` with an accuracy after training: worst and best never overlap."""
+    from rlora.train.launcher import results_table
+
+    after = {f"t{i:02d}": {"n": 4, "accuracy": (i * 7 % 25) / 25 if i < finite else float("nan")} for i in range(25)}
+    lines = results_table({"results_after": after, "results_table": "x.md"}).splitlines()
+    rows = [ln.split(" | ")[0][2:] for ln in lines if re.match(r"\| t\d\d \|", ln)]
+    assert len(rows) == len(set(rows)) == worst + best
+    assert f"| *worst {worst} of 25* | | | | | |" in lines
+    assert (f"| *best {best} of 25* | | | | | |" in lines) == (best > 0)
+    ranked = sorted(range(finite), key=lambda i: (i * 7 % 25, i))
+    assert rows == [f"t{i:02d}" for i in ranked[:worst] + ranked[len(ranked) - best:][::-1]]
