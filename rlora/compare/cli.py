@@ -7,6 +7,7 @@ from pathlib import Path
 from ..cli import extra_command
 from .grid import METHODS
 
+VAL_ROWS = 100  # --val-rows when --tune is given without it
 SAMPLERS = ("proportional", "temperature", "capped", "uniform", "round_robin", "dynamic")
 
 
@@ -39,15 +40,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--baseline {args.baseline} is not among --methods {','.join(methods)}: add it or pick one")
     if args.tune_steps is not None and args.tune_steps < 1:
         raise ConfigError(f"--tune-steps must be >= 1, got {args.tune_steps}")
-    if args.val_rows < 1:
+    if args.val_rows is not None and args.val_rows < 1:
         raise ConfigError(f"--val-rows must be >= 1, got {args.val_rows}")
-    if (args.tune_steps is not None or args.val_rows != 100) and not args.tune:
+    if (args.tune_steps is not None or args.val_rows is not None) and not args.tune:
         raise ConfigError("--tune-steps and --val-rows only apply with --tune: add --tune KEY=V1,V2 or drop them")
+    val_rows = VAL_ROWS if args.val_rows is None else args.val_rows
     sets = [x.strip() for x in args.sets.split(",") if x.strip()] if args.sets is not None else None
     if sets is not None and not sets:
         raise ConfigError(f"--sets {args.sets!r}: give a comma-separated list of data set names or folders")
     Suite(cfg, arms, args.seeds, args.baseline, args.budget, out, sets=sets, tune=parse_tune(args.tune or [], cfg),
-          tune_steps=args.tune_steps, val_rows=args.val_rows, local=args.local, n_boot=args.n_boot,
+          tune_steps=args.tune_steps, val_rows=val_rows, local=args.local, n_boot=args.n_boot,
           verbose=args.verbose).run()
     return 0
 
@@ -75,6 +77,6 @@ def _add_command(sub: argparse._SubParsersAction) -> None:
                    help="per arm, pick KEY's value on a validation split carved from the training rows (repeat for "
                         "a product), then run the seeds with the pick")
     c.add_argument("--tune-steps", type=int, help="optimizer steps of the tuning cells (default: trainer.max_steps)")
-    c.add_argument("--val-rows", type=int, default=100,
-                   help="training rows per task carved out for validation with --tune (default 100)")
+    c.add_argument("--val-rows", type=int, default=None,
+                   help=f"training rows per task carved out for validation with --tune (default {VAL_ROWS})")
     c.set_defaults(fn=cmd_compare)

@@ -90,15 +90,23 @@ def build_subset(source: Path, like: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def carve_validation(source: Path, out: Path, rows: int, seed: int) -> Path:
-    """``out``: ``source`` with ``rows`` training rows per task moved to ``val.jsonl`` (module docstring)."""
+def _check_val_rows(source: Path, train_rows: Mapping[str, int], rows: int) -> None:
+    """One-line error unless every task keeps at least half its training rows after ``rows`` are carved out."""
     if rows < 1:
         raise ConfigError(f"--val-rows must be >= 1, got {rows}")
-    for task in task_folders(source):
-        train = _lines(task / "train.jsonl")
-        if len(train) < 2 * rows:
-            raise ConfigError(f"task {task.name} of {source} has {len(train)} training rows: --val-rows {rows} would "
+    for task, n in train_rows.items():
+        if n < 2 * rows:
+            raise ConfigError(f"task {task} of {source} has {n} training rows: --val-rows {rows} would "
                               f"leave fewer than half to train on; lower --val-rows")
+
+
+def carve_validation(source: Path, out: Path, rows: int, seed: int) -> Path:
+    """``out``: ``source`` with ``rows`` training rows per task moved to ``val.jsonl`` (module docstring).
+    Every task is checked before anything is written."""
+    trains = {task.name: _lines(task / "train.jsonl") for task in task_folders(source)}
+    _check_val_rows(source, {t: len(rows_) for t, rows_ in trains.items()}, rows)
+    for task in task_folders(source):
+        train = trains[task.name]
         val = set(_draw(len(train), rows, [seed, zlib.crc32(task.name.encode())]).tolist())
         _write(out / task.name / "val.jsonl", b"".join(r for i, r in enumerate(train) if i in val))
         _write(out / task.name / "train.jsonl", b"".join(r for i, r in enumerate(train) if i not in val))
@@ -109,25 +117,60 @@ def carve_validation(source: Path, out: Path, rows: int, seed: int) -> Path:
     return out
 
 
-def resolve_sets(names: list[str], data_root: Optional[Path], work: Path) -> dict[str, Path]:
-    """``{set name: folder}`` for the ``--sets`` names (module docstring); derived sets built under ``work``."""
-    out: dict[str, Path] = {}
+def check_sets(names: list[str], data_root: Optional[Path], val_rows: Optional[int] = None) -> dict[str, str]:
+    """Check every ``--sets`` name, writing nothing: each resolves to a folder (or a derived set whose sources
+    exist and give a task), no set name (a folder's basename) twice, and, with ``val_rows``, every task of
+    every set (a derived set: as it will be built) keeps at least half its training rows after the carve.
+    Returns ``{set name: the name as given}``; one-line :class:`~rlora.config.ConfigError` otherwise."""
+    keys: dict[str, str] = {}
     for name in names:
         if Path(name).is_dir():
-            out[Path(name).resolve().name] = Path(name).resolve()
-            continue
-        if data_root is None:
+            key, folder = Path(name).resolve().name, Path(name).resolve()
+            train = {t.name: len(_lines(t / "train.jsonl")) for t in task_folders(folder)} if val_rows else {}
+        elif data_root is None:
             raise ConfigError(f"--sets {name}: no data root to find it in (data.path is not set): give a folder")
+        elif name in DERIVED:
+            source, like = (data_root / x for x in DERIVED[name])
+            for p in (source, like):
+                if not p.is_dir():
+                    raise ConfigError(f"--sets {name}: data set folder {p} does not exist: check the data root (the "
+                                      "folder holding data.path) or give --sets a folder")
+            known = {p.name for p in task_folders(like)}
+            tasks = [t for t in task_folders(source) if t.name not in known]
+            if not tasks:
+                raise ConfigError(f"--sets {name}: {source} has no task that {like} lacks: nothing to build")
+            key, folder = name, source
+            if val_rows:
+                cap = max(len(_lines(p / "train.jsonl")) for p in task_folders(like))
+                train = {t.name: min(cap, len(_lines(t / "train.jsonl"))) for t in tasks}
+        else:
+            folder = data_root / name
+            if not folder.is_dir():
+                have = sorted(p.name for p in data_root.iterdir() if p.is_dir()) if data_root.is_dir() else []
+                raise ConfigError(f"--sets {name}: {folder} does not exist: use a folder, one of {have} in "
+                                  f"{data_root}, or a derived set {sorted(DERIVED)}")
+            key = name
+            train = {t.name: len(_lines(t / "train.jsonl")) for t in task_folders(folder)} if val_rows else {}
+        if key in keys:
+            raise ConfigError(f"--sets {','.join(names)} names the set {key} twice ({keys[key]} and {name}): every "
+                              "set needs its own name; rename or drop one")
+        keys[key] = name
+        if val_rows:
+            _check_val_rows(folder if name not in DERIVED else Path(name), train, val_rows)
+    return keys
+
+
+def resolve_sets(names: list[str], data_root: Optional[Path], work: Path,
+                 val_rows: Optional[int] = None) -> dict[str, Path]:
+    """``{set name: folder}`` for the ``--sets`` names (module docstring); derived sets built under ``work``.
+    Every name is checked (:func:`check_sets`, with ``val_rows`` when given) before anything is built."""
+    out: dict[str, Path] = {}
+    for key, name in check_sets(names, data_root, val_rows).items():
         if name in DERIVED:
             source, like = DERIVED[name]
-            out[name] = build_subset(data_root / source, data_root / like, work / name)
-            continue
-        folder = data_root / name
-        if not folder.is_dir():
-            have = sorted(p.name for p in data_root.iterdir() if p.is_dir()) if data_root.is_dir() else []
-            raise ConfigError(f"--sets {name}: {folder} does not exist: use a folder, one of {have} in {data_root}, "
-                              f"or a derived set {sorted(DERIVED)}")
-        out[name] = folder.resolve()
-    if len(out) != len(names):
-        raise ConfigError(f"--sets {','.join(names)} names a set twice")
+            out[key] = build_subset(data_root / source, data_root / like, work / name)
+        elif Path(name).is_dir():
+            out[key] = Path(name).resolve()
+        else:
+            out[key] = (data_root / name).resolve()
     return out

@@ -55,7 +55,7 @@ class Suite:
             raise ConfigError("--sets replaces data.path, but the config lists data.tasks: remove data.tasks "
                               "(every task folder of each set is used)")
         root = Path(self.cfg.data.path).expanduser().resolve().parent if self.cfg.data.path else None
-        return resolve_sets(list(self.sets), root, self.out / "data")
+        return resolve_sets(list(self.sets), root, self.out / "data", self.val_rows if self.tune else None)
 
     def run(self) -> dict:
         """Every set's report, then (several sets) the pooled one. Returns ``{"sets": {name: summary},

@@ -7,6 +7,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "configs" / "compare_cpu.yaml"
+SHARED = (REPO / "examples" / "configs" / "../../../shared/data").resolve()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -20,6 +21,12 @@ CONFIG = REPO / "examples" / "configs" / "compare_cpu.yaml"
     (["--tune", "trainer.learning_rate=1e-3"], "--tune 'trainer.learning_rate=1e-3': use KEY=V1,V2[,...]"),
     (["--tune", "sampler.cap=10,20"], "--tune sampler.cap: sampler.cap changes the task sampling"),
     (["--val-rows", "50"], "--tune-steps and --val-rows only apply with --tune"),
+    (["--val-rows", "100"], "--tune-steps and --val-rows only apply with --tune"),   # the default value too
+    (["--sets", "mtl_gpu12_rest,nosuchset"], "--sets nosuchset: "),      # checked before mtl_gpu12_rest is built
+    (["--sets", f"mtl_cpu6,{SHARED / 'mtl_cpu6'}"], f"names the set mtl_cpu6 twice (mtl_cpu6 and {SHARED / 'mtl_cpu6'})"),
+    # the second set's carve is infeasible: refused before the first set is tuned or mtl_gpu12_rest built
+    (["--sets", "mtl_cpu6,mtl_gpu12_rest", "--tune", "trainer.learning_rate=1e-3,3e-3", "--val-rows", "460"],
+     "task arc_challenge of mtl_gpu12_rest has 919 training rows: --val-rows 460 would leave fewer than half"),
     (["--tune", "trainer.learning_rate=1e-3,3e-3", "--tune-steps", "0"], "--tune-steps must be >= 1, got 0"),
     (["--sets", "mtl_cpu6,nosuchset"], "--sets nosuchset: "),
 ])

@@ -71,3 +71,15 @@ def test_unknown_set_names_the_choices(tmp_path):
     assert resolve_sets([str(root / "alpha")], None, tmp_path / "w") == {"alpha": (root / "alpha").resolve()}
     with pytest.raises(ConfigError, match=r"--sets beta: .* does not exist: use a folder, one of \['alpha'\] in"):
         resolve_sets(["beta"], root, tmp_path / "w")
+
+
+def test_every_task_and_set_is_checked_before_anything_is_written(tmp_path):
+    src = write_tasks(tmp_path / "src", n_train=12, n_dev=4)
+    rows = (src / "size" / "train.jsonl").read_text().splitlines(keepends=True)
+    (src / "size" / "train.jsonl").write_text("".join(rows[:6]))     # the last task only: 6 rows
+    with pytest.raises(ConfigError, match="task size of .* has 6 training rows: --val-rows 4 would leave"):
+        carve_validation(src, tmp_path / "c", rows=4, seed=0)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ConfigError, match="task size of .* has 6 training rows: --val-rows 4"):
+        resolve_sets([str(src)], None, tmp_path / "w", val_rows=4)
+    assert resolve_sets([str(src)], None, tmp_path / "w", val_rows=3) == {"src": src.resolve()}
