@@ -14,6 +14,7 @@ does not define are read from the wrapped model.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional, Union
 
@@ -37,6 +38,11 @@ def _missing_ids_error(tasks: list[str]) -> AdapterError:
         "for an AdapterModel), or call model(..., task_ids=ids) / wrap the call in `with rlora.task_ids(ids):`")
 
 
+ALIGN_WARNING = ("adapter.method=align trains as plain LoRA here: this forward's loss has no alignment term "
+                 "(only rlora's training loop adds it); train with `rlora train` for Align-LoRA, or use "
+                 "method=lora to say what is trained")
+
+
 class AdapterModel(PreTrainedModel):
     """A causal LM with rlora adapters (every method: lora, hydra, rlora, mtl, align).
 
@@ -56,6 +62,7 @@ class AdapterModel(PreTrainedModel):
         self.config = model.config
         self.name_or_path = getattr(model, "name_or_path", "")
         self._adapter_off = False  # inside disable_adapter()
+        self._align_warned = False  # the align-trains-as-LoRA warning is given once per model
         if self.base_model is not model:
             # code that calls the backbone directly with the model's keywords (TRL's fused LM head) still
             # gets `task_ids=` routed
@@ -91,6 +98,9 @@ class AdapterModel(PreTrainedModel):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
                       inputs_embeds=inputs_embeds)
         inputs = {k: v for k, v in inputs.items() if v is not None}
+        if labels is not None and self.training and not self._align_warned and self.adapter_config.method == "align":
+            self._align_warned = True
+            warnings.warn(ALIGN_WARNING, UserWarning, stacklevel=2)
         if task_ids is None:
             cfg = self.adapter_config
             if cfg.method == "mtl" and current_task_ids() is None and not self._adapter_off:

@@ -73,3 +73,23 @@ def test_mtl_without_ids_names_the_fix(tokens):
         adapter_model("mtl")(tokens)
     with pytest.raises(rlora.AdapterError, match="task id 3 is out of range"):
         adapter_model("mtl")(tokens, task_ids=torch.tensor([0, 1, 2, 3]))  # the eager range check holds
+
+
+def test_align_warns_once_that_a_training_forward_has_no_alignment_term(tokens):
+    import warnings
+
+    from rlora.hf.model import ALIGN_WARNING
+    model = adapter_model("align")
+    labels = tokens.clone()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.eval()
+        model(tokens, labels=labels)                       # evaluation: no warning
+        model.train()
+        model(tokens, labels=labels)
+        model(tokens, labels=labels)                       # once per model
+    assert [str(w.message) for w in seen if w.category is UserWarning] == [ALIGN_WARNING]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        adapter_model("lora").train()(tokens, labels=labels)
+    assert not [w for w in seen if "align" in str(w.message)]
