@@ -102,19 +102,46 @@ def set_aside_broken_ray_snapshot(run_storage: Path) -> Optional[Path]:
     checkpoint, and reads it when the next run of the same name starts; a run stopped during that write
     (SIGTERM to the process group) leaves an empty or partial file, or one naming a checkpoint folder
     that is gone, and Ray's controller then dies in its constructor. rlora does not need the snapshot to
-    resume (:func:`latest_in` scans the folder), so a broken one is renamed ``*.broken`` and Ray starts
-    without it. A readable snapshot is left alone (``None``)."""
+    resume (:func:`latest_in` scans the folder), so a broken one is renamed ``*.broken`` (``*.broken.1``,
+    ``.2``, ... when an earlier one is there: it is never overwritten) and Ray starts without it. A
+    snapshot that Ray would load is left alone (``None``): see :func:`ray_snapshot_loads`."""
     snap = Path(run_storage) / RAY_SNAPSHOT
-    if not snap.is_file():
+    if not snap.is_file() or ray_snapshot_loads(snap):
         return None
-    try:
-        data = json.loads(snap.read_text(encoding="utf-8"))
-        names = [r["checkpoint_dir_name"] for r in data["checkpoint_results"]]
-        ok = isinstance(data, dict) and "ray_version" in data and all((snap.parent / n).is_dir() for n in names)
-    except (ValueError, KeyError, TypeError, OSError):
-        ok = False
-    if ok:
-        return None
-    aside = snap.with_name(snap.name + ".broken")
+    aside, n = snap.with_name(snap.name + ".broken"), 0
+    while aside.exists():
+        n += 1
+        aside = snap.with_name(f"{snap.name}.broken.{n}")
     os.replace(snap, aside)
     return aside
+
+
+def ray_snapshot_loads(snap: Path) -> bool:
+    """Whether Ray Train's controller would load the snapshot file ``snap``: valid JSON that Ray's own
+    model (``_CheckpointManagerState`` of ray.train.v2, where importable; else the keys it needs)
+    accepts, of this Ray version, one report index per checkpoint, the latest checkpoint among the
+    listed ones, and every listed checkpoint folder present next to the file."""
+    try:
+        data = json.loads(snap.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            return False
+        results = data["checkpoint_results"]
+        names = [r["checkpoint_dir_name"] for r in results]
+        try:
+            import warnings
+
+            import ray
+            from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+        except ImportError:  # another Ray layout: the keys Ray reads first
+            ok = "ray_version" in data
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                parse = getattr(_CheckpointManagerState, "model_validate", None) or _CheckpointManagerState.parse_obj
+                state = parse(data)
+            latest = state.latest_checkpoint_result
+            ok = (data.get("ray_version") == ray.__version__ and len(state.checkpoint_report_indices) == len(names)
+                  and (latest is None or latest.checkpoint_dir_name in names))
+        return bool(ok) and all((snap.parent / n).is_dir() for n in names)
+    except Exception:  # noqa: BLE001 - unreadable, cut short or rejected by Ray's model: Ray would not load it
+        return False

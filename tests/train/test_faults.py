@@ -157,15 +157,33 @@ def test_truncated_checkpoint_shards_fail_loudly(local_ray, tiny_model_dir, task
     assert "truncated or corrupted" in str(info.value)
 
 
+def ray_snapshot(name="checkpoint_here", **change):
+    """A full snapshot as Ray 2.60's checkpoint manager writes it (its _CheckpointManagerState.json())."""
+    import ray
+
+    result = {"version": 0, "checkpoint_dir_name": name, "metrics": {"global_step": 1, "loss": 1.5}}
+    state = {"ray_version": ray.__version__, "checkpoint_results": [result], "checkpoint_report_indices": [0],
+             "latest_checkpoint_result": result, "pending_training_results": [], "pending_validation_specs": [],
+             "current_report_index": 1, "validated_checkpoint_dir_names": [],
+             "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+    state.update(change)
+    return json.dumps({k: v for k, v in state.items() if v is not ...})
+
+
 @pytest.mark.parametrize("text, broken", [
     ("", True),                                                            # truncated before the write
     ('{"ray_version": "2.60.0", "checkpoint_res', True),                   # cut in the middle
-    ('{"ray_version": "2.60.0", "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_gone"}]}', True),
-    ('{"ray_version": "2.60.0", "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_here"}]}', False),
+    (ray_snapshot("checkpoint_gone"), True),                               # names a missing checkpoint
+    ('{"ray_version": "2.60.0", "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_here"}]}', True),
+    (ray_snapshot(current_report_index=...), True),                        # a field Ray's model requires
+    (ray_snapshot(ray_version="2.0.0"), True),                             # another Ray's snapshot
+    (ray_snapshot(checkpoint_report_indices=[]), True),                    # Ray asserts one index per result
+    (ray_snapshot(), False),
 ])
 def test_a_cut_short_ray_snapshot_is_set_aside(tmp_path, text, broken):
-    """Ray's controller dies in its constructor on an empty/partial snapshot or one naming a missing
-    checkpoint; the driver moves such a file aside (and only such a file) before Ray starts."""
+    """Ray's controller dies in its constructor on an empty/partial snapshot, one its model rejects or one
+    naming a missing checkpoint; the driver moves such a file aside (and only such a file) before Ray
+    starts, never over an earlier set-aside file."""
     from rlora.train import checkpoint as ckpt
 
     (tmp_path / "checkpoint_here").mkdir()
@@ -176,3 +194,8 @@ def test_a_cut_short_ray_snapshot_is_set_aside(tmp_path, text, broken):
     assert snap.exists() != broken
     if broken:
         assert aside.read_text() == text and aside.name.endswith(".broken")
+        for n in (1, 2):  # later broken snapshots keep the earlier ones
+            snap.write_text(f"cut {n}")
+            assert ckpt.set_aside_broken_ray_snapshot(tmp_path).name == f"{ckpt.RAY_SNAPSHOT}.broken.{n}"
+        assert aside.read_text() == text and not snap.exists()
+        assert (tmp_path / f"{ckpt.RAY_SNAPSHOT}.broken.1").read_text() == "cut 1"
