@@ -127,6 +127,14 @@ class Comparison:
         self.cell_records = [json.loads((self.out / "cells" / f"{c.key}.json").read_text()) for c in cells]
         return self.cell_records
 
+    def finish_parent(self) -> None:
+        """Mark the MLflow parent run FINISHED; for a comparison whose cells are only recorded (``records()``,
+        e.g. a ``--tune`` candidate), which never reaches the report that would end it."""
+        if self.parent_run_id:
+            from ..tracking.mlflow_tracker import client
+
+            client(self.uri).set_terminated(self.parent_run_id, "FINISHED")
+
     def _run_cells(self, cfg: RunConfig, todo: list[Cell]) -> None:
         """Ray's start-up lines go to ``logs/compare.log``. One cell at a time logs to its own
         ``runs/<cell>/logs/run.log``; cells at once share this process's stdout/stderr, so their library

@@ -127,8 +127,10 @@ def comparison_score(cfg: RunConfig, arms: Sequence[Arm], baseline: str, budget:
 
     def score(overrides: list[str]) -> dict[Arm, float]:
         c = tuning_config(cfg, overrides, steps)
-        records = Comparison(c, list(arms), 1, baseline, budget, out / folder_name(overrides), local=local,
-                             name=f"tune-{folder_name(overrides)}", verbose=verbose).records()
+        comparison = Comparison(c, list(arms), 1, baseline, budget, out / folder_name(overrides), local=local,
+                                name=f"tune-{folder_name(overrides)}", verbose=verbose)
+        records = comparison.records()
+        comparison.finish_parent()  # its cells are scored here, never reported: end its MLflow parent run
         return {(r["method"], r["sampler"]): sum(r["accuracy"].values()) / len(r["accuracy"]) for r in records}
 
     return score

@@ -131,3 +131,35 @@ def test_tuning_seeds_are_disjoint_from_the_verdict_s(tmp_path, monkeypatch, see
                 tune=[("trainer.learning_rate", ["1e-3", "2e-3"])], val_rows=4, score=score).run()
     assert seen["verdict"] == list(range(7, 7 + seeds))
     assert seen["score"] == seen["tuning"] == 7 + seeds and seen["score"] not in seen["verdict"]
+
+
+def test_a_tuning_candidate_s_mlflow_parent_run_ends_finished(tiny_model_dir, tmp_path, monkeypatch):
+    """comparison_score with real MLflow (sqlite): the candidate's parent run is FINISHED, not left RUNNING.
+    Training is replaced by writing each cell's record (the score is its mean accuracy)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from helpers import write_tasks
+    from rlora.compare.datasets import carve_validation
+    from rlora.compare.runner import Comparison
+    from rlora.compare.tune import comparison_score
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = carve_validation(write_tasks(tmp_path / "d", n_train=8, n_dev=4), tmp_path / "v", rows=2, seed=0)
+    cfg = run_config(tiny_model_dir, data, tmp_path, mlflow__tracking_uri=uri)
+    acc = {"lora": {"a": 0.25, "b": 0.5}, "hydra": {"a": 0.5, "b": 0.5}}
+
+    def fake_cells(self, cfg, todo):
+        for c in todo:
+            (self.out / "cells").mkdir(parents=True, exist_ok=True)
+            (self.out / "cells" / f"{c.key}.json").write_text(json.dumps(
+                {"method": c.method, "sampler": c.sampler, "accuracy": acc[c.method]}))
+
+    monkeypatch.setattr(Comparison, "_run_cells", fake_cells)
+    score = comparison_score(cfg, [("lora", "proportional"), ("hydra", "proportional")], "lora", "ab",
+                             tmp_path / "tune", None, True, False)(["trainer.learning_rate=1e-3"])
+    assert score == {("lora", "proportional"): 0.375, ("hydra", "proportional"): 0.5}
+    runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()],
+                                         filter_string="tags.`rlora.compare` = 'tune-trainer.learning_rate=1e-3'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
