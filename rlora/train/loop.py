@@ -337,18 +337,26 @@ class Trainer:
 
     def plot_diagnostics(self) -> None:
         """Rank 0 writes the plots of this step's diagnostics pass, after :meth:`log`, so the
-        task-weights plot has one point per logged step up to and including this one."""
+        task-weights plot has one point per logged step up to and including this one. The last pass
+        of a run plots the stored merged conflict matrix (every pair's latest cosine,
+        :meth:`~rlora.tracking.probe_budget.ProbePlan.merge`) rather than its own probe, which a
+        budgeted many-task run may have left empty: every run ends with its interference figure."""
         diag, self._pending_plots = self._pending_plots, None
         if diag is None:
             return
         t0, fraction, figures, figures_s = time.time(), self.cfg.diagnostics.max_time_fraction, True, None
         if self.tracker and self.cfg.mlflow.log_artifacts:
+            import dataclasses
+
             from ..tracking.plots import save_diagnostic_plots
 
-            figures = self._plan.draw_figures(fraction, self._train_s(), self._diag_s, self.step == self.total_steps)
+            last = self.step == self.total_steps
+            figures = self._plan.draw_figures(fraction, self._train_s(), self._diag_s, last)
+            shown = dataclasses.replace(diag, interference=self._plan.latest.copy()) \
+                if last and self._plan.latest is not None else diag
             with self.clock.side(), tempfile.TemporaryDirectory(prefix="rlora-diag-") as tmp:
                 t1 = time.time()
-                save_diagnostic_plots(diag, tmp, history=self.p_history, figures=figures)
+                save_diagnostic_plots(shown, tmp, history=self.p_history, figures=figures)
                 figures_s = time.time() - t1 if figures else None
                 self.tracker.log_artifacts(tmp, f"diagnostics/step_{self.step:06d}")
         pass_s = self._diag_s + time.time() - t0

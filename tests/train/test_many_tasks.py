@@ -93,6 +93,32 @@ def test_the_probe_rotation_goes_on_after_a_resume(tiny_model_dir, tmp_path):
     assert again._plan.spent_s > first._plan.spent_s
 
 
+def test_the_last_pass_plots_the_merged_matrix(tiny_model_dir, tmp_path):
+    """12 tasks, a tiny budget: the step-2 pass probes the floor of 8 without figures, the last pass (step 4)
+    probes none but draws the run's figures; its interference files show the stored 8-task matrix."""
+    import csv as _csv
+
+    from mlflow.tracking import MlflowClient
+
+    from rlora.train.launcher import run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = run_config(tiny_model_dir, write_many(tmp_path / "data", 12), tmp_path / "out", trainer__max_steps=4,
+                     trainer__save_steps=100, diagnostics__every_n_steps=2, diagnostics__max_time_fraction=1e-9,
+                     eval__max_examples_per_task=0, mlflow__tracking_uri=uri, trainer__run_name="last")
+    result = run_training(cfg, local=True, verbose=False)
+    client = MlflowClient(uri)
+    arts = {s: [a.path.rsplit("/", 1)[1] for a in client.list_artifacts(result.mlflow_run_id, f"diagnostics/{s}")]
+            for s in ("step_000002", "step_000004")}
+    assert "interference.png" not in arts["step_000002"] and "interference.csv" in arts["step_000002"]
+    assert "interference.png" in arts["step_000004"]
+    got = client.download_artifacts(result.mlflow_run_id, "diagnostics/step_000004/interference.csv", str(tmp_path))
+    first = client.download_artifacts(result.mlflow_run_id, "diagnostics/step_000002/interference.csv",
+                                      str(tmp_path / "first"))
+    rows = list(_csv.reader(open(got)))[1:]
+    assert len(rows) == 8 * 7 // 2 and rows == list(_csv.reader(open(first)))[1:]
+
+
 @pytest.mark.slow
 def test_a_200_task_run_finishes_with_a_bounded_record(tiny_model_dir, many_tasks, tmp_path, capfd):
     from mlflow.tracking import MlflowClient
@@ -132,7 +158,7 @@ def test_a_200_task_run_finishes_with_a_bounded_record(tiny_model_dir, many_task
                                                                                 f"diagnostics/step_{step:06d}")]
              for step in (2, 4)}
     assert "interference.csv" in names[2] and not [n for n in names[2] if n.endswith(".png")]
-    assert "head_similarity.png" in names[4] and "interference.csv" not in names[4]
+    assert "head_similarity.png" in names[4] and "interference.png" in names[4]  # the last pass: the merged matrix
 
     # the matrix is an artifact; the top slots name their pairs there
     art = client.download_artifacts(result.mlflow_run_id, "diagnostics/step_000002", str(tmp_path / "art"))
