@@ -35,7 +35,8 @@ subsets **rotate**:
 **What the estimate is, and its error.** Entries of the probed k x k block are exact: the same cosines a
 full pass at that step would give (the same model, the same probe rows). The matrix handed to the
 sampler is the *latest* one (:meth:`ProbePlan.merge`): each entry is the cosine measured the last time
-both tasks were probed together, NaN until then (the sampler skips NaN). The dynamic sampler uses the
+both tasks were probed together, NaN until then (the sampler skips NaN; a task with no probed pair yet
+gets the mean of the probed tasks' row means, :func:`rlora.sampler.dynamic.conflict_means`). The dynamic sampler uses the
 row means ``c_t = mean_{u≠t} C[t, u]``; from one pass, the mean over the k − 1 probed partners of t is
 an unbiased estimate of the full row mean (a simple random sample of the T − 1 partners, without
 replacement), with standard error
