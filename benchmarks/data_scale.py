@@ -292,6 +292,85 @@ def diagnostics_run(scratch: Path, model: str, tasks: int = DIAG_TASKS, rows_per
     return {"passes": lines, "metric_keys": len(keys), "console": proc.stdout}
 
 
+def measure_task_count(tasks: int, rows_list: list[int], scratch: Path, model_dir: Path, tokenizer, rounds: int,
+                       per_round: int, sample: int, figures: dict, table: list) -> None:
+    """The cells of one task count (cold and warm Ray runs, the tokenizer ratio, steps/s): their console lines,
+    rows appended to ``table`` and figures added to ``figures``."""
+    cfgs, cells, ratio = {}, {}, {}
+    for rows in rows_list:
+        data = scratch / f"data-{rows}-{tasks}"
+        t0 = time.perf_counter()
+        write_data(data, rows, tasks)
+        gen_s = time.perf_counter() - t0
+        cfg = run_cfg(data, model_dir, scratch / "out")
+        cold, cold_pre = ray_run(cfg, scratch / "rec" / f"{rows}-{tasks}-cold")
+        warm, warm_pre = ray_run(cfg, scratch / "rec" / f"{rows}-{tasks}-warm")
+        assert sum("built in" in r["note"] for r in cold) == 1, [r["note"] for r in cold]
+        assert all("reused" in r["note"] for r in warm), [r["note"] for r in warm]
+        sample_dir = scratch / f"sample-{rows}-{tasks}"
+        write_data(sample_dir, min(rows, sample), tasks)
+        ratio[rows] = build_vs_tokenizer(run_cfg(sample_dir, model_dir, scratch / "out"), tokenizer, rounds)
+        shutil.rmtree(sample_dir)
+        n = (rows // tasks) * tasks
+        cell = {"rows": n, "tasks": tasks, "generate_s": gen_s,
+                "cold_setup_s": max(r["setup_s"] for r in cold), "cold_data_s": max(r["data_s"] for r in cold),
+                "warm_setup_s": max(r["setup_s"] for r in warm), "warm_data_s": max(r["data_s"] for r in warm),
+                "preflight_cold_s": cold_pre, "preflight_warm_s": warm_pre,
+                "peak_rss_mib": max(r["peak_rss_bytes"] for r in warm) / 2 ** 20,
+                "cold_peak_rss_mib": max(r["peak_rss_bytes"] for r in cold) / 2 ** 20,
+                "build_vs_tokenizer": float(np.median(ratio[rows]))}
+        cells[rows], cfgs[rows] = cell, cfg
+        print(f"rows {n:>8} tasks {tasks:>3}: setup cold {cell['cold_setup_s']:7.1f}s (data {cell['cold_data_s']:.1f}s) "
+              f"warm {cell['warm_setup_s']:5.2f}s (data {cell['warm_data_s']:.2f}s)  peak RSS/rank warm "
+              f"{cell['peak_rss_mib']:5.0f} MiB cold {cell['cold_peak_rss_mib']:5.0f} MiB  tokenizer alone / build "
+              f"{show(ratio[rows])}  preflight cold {cold_pre:5.1f}s warm {warm_pre:4.1f}s", flush=True)
+    per_step = steps_per_s(cfgs, tokenizer, model_dir, rounds, per_round)
+    for rows, cell in cells.items():
+        cell["steps_per_s"] = 1 / float(np.median(per_step[rows]))
+        table.append(cell)
+        tag = f"{rows // 1000}k" if rows < 10 ** 6 else f"{rows // 10 ** 6}M"
+        big = rows >= 10 ** 6
+        figures[f"warm_setup_s_{tag}_T{tasks}"] = figure(cell["warm_setup_s"], "<=10" if big else "info", "s")
+        figures[f"warm_load_train_data_s_{tag}_T{tasks}"] = figure(cell["warm_data_s"], "info", "s")
+        figures[f"cold_setup_s_{tag}_T{tasks}"] = figure(cell["cold_setup_s"], "info", "s")
+        figures[f"peak_rss_per_rank_mib_{tag}_T{tasks}"] = figure(cell["peak_rss_mib"], "info", "MiB")
+        figures[f"build_vs_tokenizer_{tag}_T{tasks}"] = figure(ratio[rows], ">=0.7", "x")
+        figures[f"steps_per_s_{tag}_T{tasks}"] = figure([1 / v for v in per_step[rows]], "info", "steps/s")
+    lo, hi = min(cells), max(cells)
+    if lo != hi:
+        span = f"{lo // 1000}k_to_{hi // 1000}k"
+        growth = cells[hi]["peak_rss_mib"] - cells[lo]["peak_rss_mib"]
+        figures[f"rss_growth_mib_{span}_T{tasks}"] = figure(growth, "<=300", "MiB")
+        steps = [a / b for a, b in zip(per_step[lo], per_step[hi])]
+        figures[f"steps_per_s_ratio_{span}_T{tasks}"] = figure(steps, ">=0.95", "x")
+        print(f"T={tasks}: peak RSS/rank growth {lo} -> {hi} rows {growth:.0f} MiB; steps/s at {hi} / at {lo} rows "
+              f"{show(steps)}", flush=True)
+    for rows in rows_list:  # free the disk before the next task count
+        shutil.rmtree(scratch / f"data-{rows}-{tasks}", ignore_errors=True)
+    from rlora.data.token_cache import clear
+
+    clear()
+
+
+def diagnostics_figures(scratch: Path, model: str, figures: dict) -> None:
+    """The T=200 diagnostics run (:func:`diagnostics_run`): its console lines and figures."""
+    diag = diagnostics_run(scratch, model)
+    passes = diag["passes"]
+    last = passes[-1]
+    share = last["spent_s"] / last["train_s"]
+    for ps in passes:
+        print(f"T={DIAG_TASKS} diagnostics step {ps['step']}: probed {ps['probed']}/{ps['tasks']} tasks in "
+              f"{ps['probe_s']:.1f}s, pass {ps['pass_s']:.1f}s", flush=True)
+    print(f"T={DIAG_TASKS}: diagnostics {last['spent_s']:.1f}s of {last['train_s']:.1f}s training "
+          f"({100 * share:.1f}%), {diag['metric_keys']} distinct MLflow metric keys", flush=True)
+    figures[f"diagnostics_over_training_T{DIAG_TASKS}"] = figure(share, "<=0.10", "x")
+    figures[f"mlflow_metric_keys_T{DIAG_TASKS}"] = figure(diag["metric_keys"], "<=2000", "keys", spread=0)
+    figures[f"diagnostics_pass_s_T{DIAG_TASKS}"] = figure([ps["pass_s"] for ps in passes], "info", "s")
+    figures[f"diagnostics_tasks_probed_T{DIAG_TASKS}"] = figure([ps["probed"] for ps in passes], "info",
+                                                               "tasks")
+    figures[f"diagnostics_train_s_T{DIAG_TASKS}"] = figure(last["train_s"], "info", "s")
+
+
 # ---- main ---------------------------------------------------------------------------------------------
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
@@ -320,76 +399,10 @@ def main() -> None:
     table = []
     try:
         for tasks in ([] if args.diag_only else tasks_list):
-            cfgs, cells, ratio = {}, {}, {}
-            for rows in rows_list:
-                data = scratch / f"data-{rows}-{tasks}"
-                t0 = time.perf_counter()
-                write_data(data, rows, tasks)
-                gen_s = time.perf_counter() - t0
-                cfg = run_cfg(data, model_dir, scratch / "out")
-                cold, cold_pre = ray_run(cfg, scratch / "rec" / f"{rows}-{tasks}-cold")
-                warm, warm_pre = ray_run(cfg, scratch / "rec" / f"{rows}-{tasks}-warm")
-                assert sum("built in" in r["note"] for r in cold) == 1, [r["note"] for r in cold]
-                assert all("reused" in r["note"] for r in warm), [r["note"] for r in warm]
-                sample_dir = scratch / f"sample-{rows}-{tasks}"
-                write_data(sample_dir, min(rows, sample), tasks)
-                ratio[rows] = build_vs_tokenizer(run_cfg(sample_dir, model_dir, scratch / "out"), tokenizer, rounds)
-                shutil.rmtree(sample_dir)
-                n = (rows // tasks) * tasks
-                cell = {"rows": n, "tasks": tasks, "generate_s": gen_s,
-                        "cold_setup_s": max(r["setup_s"] for r in cold), "cold_data_s": max(r["data_s"] for r in cold),
-                        "warm_setup_s": max(r["setup_s"] for r in warm), "warm_data_s": max(r["data_s"] for r in warm),
-                        "preflight_cold_s": cold_pre, "preflight_warm_s": warm_pre,
-                        "peak_rss_mib": max(r["peak_rss_bytes"] for r in warm) / 2 ** 20,
-                        "cold_peak_rss_mib": max(r["peak_rss_bytes"] for r in cold) / 2 ** 20,
-                        "build_vs_tokenizer": float(np.median(ratio[rows]))}
-                cells[rows], cfgs[rows] = cell, cfg
-                print(f"rows {n:>8} tasks {tasks:>3}: setup cold {cell['cold_setup_s']:7.1f}s (data {cell['cold_data_s']:.1f}s) "
-                      f"warm {cell['warm_setup_s']:5.2f}s (data {cell['warm_data_s']:.2f}s)  peak RSS/rank warm "
-                      f"{cell['peak_rss_mib']:5.0f} MiB cold {cell['cold_peak_rss_mib']:5.0f} MiB  tokenizer alone / build "
-                      f"{show(ratio[rows])}  preflight cold {cold_pre:5.1f}s warm {warm_pre:4.1f}s", flush=True)
-            per_step = steps_per_s(cfgs, tokenizer, model_dir, rounds, per_round)
-            for rows, cell in cells.items():
-                cell["steps_per_s"] = 1 / float(np.median(per_step[rows]))
-                table.append(cell)
-                tag = f"{rows // 1000}k" if rows < 10 ** 6 else f"{rows // 10 ** 6}M"
-                big = rows >= 10 ** 6
-                figures[f"warm_setup_s_{tag}_T{tasks}"] = figure(cell["warm_setup_s"], "<=10" if big else "info", "s")
-                figures[f"warm_load_train_data_s_{tag}_T{tasks}"] = figure(cell["warm_data_s"], "info", "s")
-                figures[f"cold_setup_s_{tag}_T{tasks}"] = figure(cell["cold_setup_s"], "info", "s")
-                figures[f"peak_rss_per_rank_mib_{tag}_T{tasks}"] = figure(cell["peak_rss_mib"], "info", "MiB")
-                figures[f"build_vs_tokenizer_{tag}_T{tasks}"] = figure(ratio[rows], ">=0.7", "x")
-                figures[f"steps_per_s_{tag}_T{tasks}"] = figure([1 / v for v in per_step[rows]], "info", "steps/s")
-            lo, hi = min(cells), max(cells)
-            if lo != hi:
-                span = f"{lo // 1000}k_to_{hi // 1000}k"
-                growth = cells[hi]["peak_rss_mib"] - cells[lo]["peak_rss_mib"]
-                figures[f"rss_growth_mib_{span}_T{tasks}"] = figure(growth, "<=300", "MiB")
-                steps = [a / b for a, b in zip(per_step[lo], per_step[hi])]
-                figures[f"steps_per_s_ratio_{span}_T{tasks}"] = figure(steps, ">=0.95", "x")
-                print(f"T={tasks}: peak RSS/rank growth {lo} -> {hi} rows {growth:.0f} MiB; steps/s at {hi} / at {lo} rows "
-                      f"{show(steps)}", flush=True)
-            for rows in rows_list:  # free the disk before the next task count
-                shutil.rmtree(scratch / f"data-{rows}-{tasks}", ignore_errors=True)
-            from rlora.data.token_cache import clear
-
-            clear()
+            measure_task_count(tasks, rows_list, scratch, model_dir, tokenizer, rounds, per_round, sample,
+                               figures, table)
         if args.diag_model != "none":
-            diag = diagnostics_run(scratch, args.diag_model)
-            passes = diag["passes"]
-            last = passes[-1]
-            share = last["spent_s"] / last["train_s"]
-            for ps in passes:
-                print(f"T={DIAG_TASKS} diagnostics step {ps['step']}: probed {ps['probed']}/{ps['tasks']} tasks in "
-                      f"{ps['probe_s']:.1f}s, pass {ps['pass_s']:.1f}s", flush=True)
-            print(f"T={DIAG_TASKS}: diagnostics {last['spent_s']:.1f}s of {last['train_s']:.1f}s training "
-                  f"({100 * share:.1f}%), {diag['metric_keys']} distinct MLflow metric keys", flush=True)
-            figures[f"diagnostics_over_training_T{DIAG_TASKS}"] = figure(share, "<=0.10", "x")
-            figures[f"mlflow_metric_keys_T{DIAG_TASKS}"] = figure(diag["metric_keys"], "<=2000", "keys", spread=0)
-            figures[f"diagnostics_pass_s_T{DIAG_TASKS}"] = figure([ps["pass_s"] for ps in passes], "info", "s")
-            figures[f"diagnostics_tasks_probed_T{DIAG_TASKS}"] = figure([ps["probed"] for ps in passes], "info",
-                                                                       "tasks")
-            figures[f"diagnostics_train_s_T{DIAG_TASKS}"] = figure(last["train_s"], "info", "s")
+            diagnostics_figures(scratch, args.diag_model, figures)
     finally:
         stop_ray()
         if not args.scratch:

@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     copy.mkdir()
     archive = subprocess.run(["git", "archive", args.rev], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
+    if (REPO.parent / "shared").is_dir():  # the data sets beside the checkout, as CI has them
+        (root / "shared").symlink_to((REPO.parent / "shared").resolve())
     rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()
     env = dict(os.environ, PYTHONPATH=str(copy), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
