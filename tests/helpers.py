@@ -100,3 +100,13 @@ def rows_drawn(sampler_state: dict) -> int:
     """Rows the sampler handed out to all ranks together: per task, epochs x size + cursor."""
     sizes = sampler_state["fingerprint"]["task_sizes"]
     return sum(e * n + c for e, c, n in zip(sampler_state["epochs"], sampler_state["cursors"], sizes))
+
+
+def tracked_run(cfg, tmp_path: Path, run_name: str) -> dict:
+    """An MLflow run (sqlite in ``tmp_path``) for the training loop to log into: the loop's ``run`` keys."""
+    from rlora.tracking import mlflow_tracker as mt
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg.mlflow.tracking_uri, cfg.mlflow.enabled = uri, True
+    run_id, _ = mt.start_or_resume_run(cfg, run_name)
+    return {"mlflow_run_id": run_id, "tracking_uri": uri}

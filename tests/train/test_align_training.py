@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from helpers import run_config
+from helpers import run_config, tracked_run
 
 STEPS = 4
 
@@ -21,7 +21,7 @@ def fit(model_dir, data_dir, tmp_path, run=None, **kw):
                 eval__max_examples_per_task=1)
     cfg = run_config(model_dir, data_dir, tmp_path, **{**base, **kw})
     if run is not None:
-        run.update(tracked(cfg, tmp_path))
+        run.update(tracked_run(cfg, tmp_path, "align"))
     t = Trainer(cfg, LocalRuntime(None), {"run_name": "align", "started_at": time.time(), **(run or {})},
                 progress=False)
     t.align_by_step = []
@@ -35,15 +35,6 @@ def fit(model_dir, data_dir, tmp_path, run=None, **kw):
     t.train_step = recorded
     t.fit()
     return t
-
-
-def tracked(cfg, tmp_path):
-    from rlora.tracking import mlflow_tracker as mt
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg.mlflow.tracking_uri, cfg.mlflow.enabled = uri, True
-    run_id, _ = mt.start_or_resume_run(cfg, "align")
-    return {"mlflow_run_id": run_id, "tracking_uri": uri}
 
 
 def same(a, b):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import rows_drawn, run_config
+from helpers import rows_drawn, run_config, tracked_run
 from rlora.train.launcher import run_training
 
 
@@ -216,16 +216,6 @@ def test_resources_per_worker_cpu_sets_the_torch_threads(tiny_model_dir, task_di
         torch.set_num_threads(before)
 
 
-def tracked(cfg, tmp_path):
-    """An MLflow run (sqlite in tmp_path) for the loop to log into."""
-    from rlora.tracking import mlflow_tracker as mt
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg.mlflow.tracking_uri, cfg.mlflow.enabled = uri, True
-    run_id, _ = mt.start_or_resume_run(cfg, "knobs")
-    return {"mlflow_run_id": run_id, "tracking_uri": uri}
-
-
 def metric_steps(run, key):
     from mlflow.tracking import MlflowClient
 
@@ -236,7 +226,7 @@ def metric_steps(run, key):
 def test_diagnostics_run_every_n_steps_unless_disabled(tiny_model_dir, task_dir, tmp_path, enabled, every, steps):
     cfg = knob_cfg(tiny_model_dir, task_dir, tmp_path, trainer__max_steps=5, diagnostics__enabled=enabled,
                    diagnostics__every_n_steps=every, mlflow__log_artifacts=False)
-    run = tracked(cfg, tmp_path)
+    run = tracked_run(cfg, tmp_path, "knobs")
     t = fit(cfg, **run)
     assert metric_steps(run, "diag/head_cos_B/mean") == steps  # and the last step
     assert metric_steps(run, "train/loss") == [1, 2, 3, 4, 5]
