@@ -2,7 +2,7 @@
 
     for each set k (``--sets``; default: the config's ``data.path``, reported in OUT as before)
         [--tune]  carve a validation split from its training rows (OUT/data/<set>.val<R>-s<seed>)
-                  -> one cell per arm and candidate (seed trainer.seed + --seeds, outside the verdict's seeds;
+                  -> one cell per arm and candidate (seed trainer.seed + 1000, outside the verdict's seeds;
                      --tune-steps) in OUT/<set>/tune/<candidate>
                   -> per arm the candidate with the best validation score
         the set's grid, every arm with its pick        -> OUT/<set>/{cells, compare.md, compare.json, forest.png}
@@ -26,11 +26,15 @@ from .tune import Score, comparison_score, tune_arms
 Arm = tuple[str, str]
 
 
+TUNING_SEED_OFFSET = 1000
+
+
 def tuning_seed(seed: int, seeds: int) -> int:
-    """The tuning cells' ``trainer.seed``: ``seed + seeds``, just past the verdict's seeds ``seed .. seed + seeds - 1``.
-    Were it one of them, the winning tuning run would be that verdict cell's own run (same initialisation and
-    data order), and its lucky draw would carry over to the dev score."""
-    return seed + seeds
+    """The tuning cells' ``trainer.seed``: ``seed + max(seeds, 1000)``, outside the verdict's seeds
+    ``seed .. seed + seeds - 1``. Were it one of them, the winning tuning run would be that verdict cell's own run
+    (same initialisation and data order), and its lucky draw would carry over to the dev score. It does not move
+    with ``--seeds`` (below 1,000), so re-running a comparison with more seeds keeps its tuning cells and picks."""
+    return seed + max(seeds, TUNING_SEED_OFFSET)
 
 
 class Suite:

@@ -3,8 +3,8 @@
 For one data set and each arm (method, sampler): every candidate setting (the values of one ``--tune``,
 or the product of several) trains one cell on the set's carved folder
 (:func:`~rlora.compare.datasets.carve_validation`: the training rows less ``val_rows`` per task), with
-seed ``trainer.seed + seeds`` (outside the verdict's seeds ``trainer.seed + 0 .. seeds - 1``, so the winning
-tuning run is not one of the verdict's own runs) and ``steps`` optimizer steps (default: the config's), and is scored on
+seed ``trainer.seed + 1000`` (outside the verdict's seeds ``trainer.seed + 0 .. seeds - 1``, so the winning
+tuning run is not one of the verdict's own runs; fixed, so more ``--seeds`` later keep the picks) and ``steps`` optimizer steps (default: the config's), and is scored on
 the carved **validation** rows (``eval.split = val``, every row). The score is the macro mean of the
 per-task validation accuracies; the pick is the candidate with the highest score, a tie going to the
 candidate listed first. The verdict's cells then train every seed with their arm's pick on the same
