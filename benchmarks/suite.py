@@ -1,0 +1,151 @@
+"""The quality suite: which method beats tuned plain LoRA, on three disjoint multi-task sets. A thin wrapper
+over ``rlora compare`` (:class:`rlora.compare.suite.Suite`), with the suite's settings fixed:
+
+* methods ``lora, mtl, rlora, align`` (proportional sampler), equal shared A + B budgets
+  (``examples/configs/compare_cpu.yaml``: SmolLM2-135M, multi-head r = 8, N = 3 vs LoRA rank 14, 200 steps);
+* sets ``mtl_cpu6, bigbench_default, mtl_gpu12_rest`` (the last built at run time from ``../shared/data``);
+* per arm and set, the learning rate picked from 3e-4, 1e-3, 3e-3 on 100 validation rows a task carved from
+  the training rows (one tuning cell each, 100 steps, seed ``trainer.seed + 1000``);
+* 2 seeds per verdict cell, 150 dev rows a task scored; each set reported, then pooled (stratified
+  hierarchical bootstrap).
+
+The grid is long on two cores (a verdict cell ~12 min, a tuning cell ~6 min: ~20 h for the whole suite), so
+it runs in pieces: ``--sets`` trains one set's cells; every finished cell's record is copied to
+``benchmarks/results/suite_cells/`` (the work folder's layout) and copied back into the work folder before
+anything trains, so a fresh clone skips every committed cell (a cell's key is its config and its data's
+contents). When every set is done the report is written: ``suite.md``, ``suite.json``, ``suite_forest_<set>.png``
+and ``suite_forest_pooled.png`` in benchmarks/results (``suite_quick.*`` with ``--quick``).
+
+    python benchmarks/suite.py [--quick] [--json] [--sets S,S] [--seeds N] [--work DIR] [--sync] [k=v overrides]
+
+``--sync``: train nothing; copy the finished cells of the work folder to the results folder (a run of this
+script or of the equivalent ``rlora compare`` command in progress keeps going) and print the progress.
+``--quick``: 2 steps, 4 dev and 4 validation rows a task, two methods and two learning rates (minutes; its
+accuracies mean nothing).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit, parser  # noqa: E402
+
+CONFIG = REPO / "examples" / "configs" / "compare_cpu.yaml"
+RESULTS = REPO / "benchmarks" / "results"
+SETS = ["mtl_cpu6", "bigbench_default", "mtl_gpu12_rest"]
+FULL = {"methods": ["lora", "mtl", "rlora", "align"], "tune": ["trainer.learning_rate=3e-4,1e-3,3e-3"],
+        "tune_steps": 100, "val_rows": 100, "seeds": 2, "overrides": ["eval.max_examples_per_task=150"]}
+QUICK = {"methods": ["lora", "align"], "tune": ["trainer.learning_rate=1e-3,3e-3"], "tune_steps": 2, "val_rows": 4,
+         "seeds": 2, "overrides": ["trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1",
+                                   "eval.max_examples_per_task=4", "diagnostics.every_n_steps=2"]}
+
+
+def cell_files(root: Path) -> list[Path]:
+    """Every finished cell's record under ``root`` (verdict cells ``<set>/cells``, tuning cells
+    ``<set>/tune/<value>/cells``), relative to ``root``."""
+    return sorted(p.relative_to(root) for p in root.glob("**/cells/*.json") if p.is_file())
+
+
+def copy_cells(src: Path, dst: Path) -> int:
+    """Copy the cell records of ``src`` that ``dst`` lacks (same relative paths); returns how many."""
+    n = 0
+    for rel in cell_files(src) if src.is_dir() else []:
+        if not (dst / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / rel, dst / rel)
+            n += 1
+    return n
+
+
+def progress(work: Path, sets: list[str], spec: dict) -> dict:
+    """Per set: tuning and verdict cells finished (of how many), and their wall time in hours."""
+    n_methods, n_values = len(spec["methods"]), len(spec["tune"][0].split("=", 1)[1].split(","))
+    out = {}
+    for name in sets:
+        rels = cell_files(work / name) if (work / name).is_dir() else []
+        tune = [rel for rel in rels if rel.parts[0] == "tune"]
+        hours = sum(json.loads((work / name / rel).read_text())["wall_s"] for rel in rels) / 3600
+        out[name] = {"tuning_cells": f"{len(tune)}/{n_methods * n_values}",
+                     "verdict_cells": f"{len(rels) - len(tune)}/{n_methods * spec['seeds']}",
+                     "cell_hours": round(hours, 2)}
+    return out
+
+
+def figures(result: dict) -> dict:
+    """Each method minus LoRA per set and pooled (points), its interval half-width as the spread."""
+    out = {}
+    pooled = result.get("pooled") or {}
+    for c in pooled.get("comparisons", []):
+        m = c["a"]["method"]
+        for where, r in [*c["pooled"]["sets"].items(), ("pooled", c["pooled"])]:
+            out[f"{m}_minus_lora_{where}"] = {"value": round(100 * r["diff"], 2), "spread": round(100 * r["half_width"], 2),
+                                              "target": "info", "unit": "points",
+                                              "interval": [round(100 * r["lo"], 2), round(100 * r["hi"], 2)],
+                                              "verdict": r["verdict"]}
+    return out
+
+
+def write_report(work: Path, out: Path, tag: str, sets: list[str], wall: dict) -> None:
+    """``<tag>.md`` (each set's report, then the pooled one), ``<tag>.json`` and the forest plots."""
+    parts = [f"# Quality suite: {', '.join(sets)}\n", "Cell time (hours, tuning and verdict cells): "
+             + ", ".join(f"{s} {w['cell_hours']}" for s, w in wall.items()) + "\n"]
+    for s in sets:
+        parts += [f"\n## {s}\n", (work / s / "compare.md").read_text()]
+        shutil.copyfile(work / s / "forest.png", out / f"{tag}_forest_{s}.png")
+    parts += ["\n## Pooled over the sets\n", (work / "pooled.md").read_text()]
+    if (work / "forest_pooled.png").is_file():
+        shutil.copyfile(work / "forest_pooled.png", out / f"{tag}_forest_pooled.png")
+    (out / f"{tag}.md").write_text("".join(parts))
+    record = {"sets": {s: json.loads((work / s / "compare.json").read_text()) for s in sets},
+              "pooled": json.loads((work / "pooled.json").read_text()), "wall": wall}
+    (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from rlora.compare.suite import Suite
+    from rlora.compare.tune import parse_tune
+    from rlora.config import load_config
+
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--sets", help=f"train only these sets' cells (default all: {','.join(SETS)})")
+    ap.add_argument("--seeds", type=int, help="seeds per verdict cell (default 2)")
+    ap.add_argument("--work", help="work folder (default outputs/suite, outputs/suite_quick with --quick)")
+    ap.add_argument("--out", default=str(RESULTS), help="report and cells folder (default benchmarks/results)")
+    ap.add_argument("--sync", action="store_true", help="train nothing: copy finished cells, print progress")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = ap.parse_args(argv)
+    spec = dict(QUICK if args.quick else FULL, seeds=args.seeds or (QUICK if args.quick else FULL)["seeds"])
+    sets = [s.strip() for s in args.sets.split(",")] if args.sets else list(SETS)
+    if any(s not in SETS for s in sets):
+        raise SystemExit(f"error: --sets {args.sets}: the suite's sets are {','.join(SETS)}")
+    tag = "suite_quick" if args.quick else "suite"
+    work = Path(args.work or REPO / "outputs" / tag)
+    out = Path(args.out)
+    store = out / f"{tag}_cells"
+    print(f"[suite] {copy_cells(store, work)} committed cells copied into {work}", flush=True)
+    result: dict = {}
+    if not args.sync:
+        cfg = load_config(CONFIG, spec["overrides"] + list(args.overrides))
+        arms = [(m, "proportional") for m in spec["methods"]]
+        result = Suite(cfg, arms, spec["seeds"], "lora", "ab", work, sets=sets, tune=parse_tune(spec["tune"], cfg),
+                       tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True).run()
+    print(f"[suite] {copy_cells(work, store)} finished cells copied to {store}", flush=True)
+    wall = progress(work, sets, spec)
+    for s, p in wall.items():
+        print(f"[suite] {s}: tuning {p['tuning_cells']}, verdict {p['verdict_cells']} cells, "
+              f"{p['cell_hours']} h of cell time", flush=True)
+    if result.get("pooled") and sets == SETS:
+        write_report(work, out, tag, sets, wall)
+        print(f"[suite] report: {out / (tag + '.md')}", flush=True)
+    emit(tag, figures(result), args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""benchmarks/suite.py, the three-set suite over `rlora compare`, on stand-in sets (tiny random model:
+mechanics only): every set tuned and reported, pooled, cells stored and resumed on another work folder."""
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_suite():
+    spec = importlib.util.spec_from_file_location("suite_bench", REPO / "benchmarks" / "suite.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["suite_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def renamed_task(src: Path, dst: Path, name: str) -> None:
+    """A copy of task folder ``src`` as task ``name`` (folder, task field and ids renamed)."""
+    dst.mkdir(parents=True)
+    for f in src.glob("*.jsonl"):
+        (dst / f.name).write_text(f.read_text().replace(f'"{src.name}', f'"{name}'))
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    """The suite's set names in one folder: mtl_cpu6 and bigbench_default (three tasks each) and mtl_gpu12
+    (mtl_cpu6's tasks plus two more, from which mtl_gpu12_rest is built)."""
+    root = tmp_path / "data"
+    write_tasks(root / "mtl_cpu6", n_train=24, n_dev=6, seed=0)
+    write_tasks(root / "bigbench_default", n_train=24, n_dev=6, seed=1)
+    shutil.copytree(root / "mtl_cpu6", root / "mtl_gpu12")
+    for task in ("parity", "sign"):
+        renamed_task(root / "mtl_cpu6" / task, root / "mtl_gpu12" / f"{task}_b", f"{task}_b")
+    return root
+
+
+@pytest.mark.slow
+def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_dir, data_root, tmp_path, capsys):
+    suite = load_suite()
+    out, work = tmp_path / "results", tmp_path / "work"
+    args = ["--quick", "--json", "--out", str(out), f"model.name_or_path={tiny_model_dir}",
+            f"data.path={data_root / 'mtl_cpu6'}", "mlflow.enabled=false", "eval.max_examples_per_task=null"]
+    result = suite.main(args + ["--work", str(work)])
+    assert list(result["sets"]) == suite.SETS
+    # per set: 2 methods x 2 learning rates tuning cells, then 2 methods x 2 seeds verdict cells
+    stored = suite.cell_files(out / "suite_quick_cells")
+    assert len(stored) == 3 * (4 + 4) and stored == suite.cell_files(work)
+    for s in suite.SETS:
+        picks = result["sets"][s]["tuning"]["picks"]
+        assert [p["method"] for p in picks] == ["lora", "align"]
+        assert all(p["picked"] in ("trainer.learning_rate=1e-3", "trainer.learning_rate=3e-3") for p in picks)
+        assert (out / f"suite_quick_forest_{s}.png").stat().st_size > 5_000
+    text = (out / "suite_quick.md").read_text()
+    assert all(f"## {s}" in text for s in suite.SETS) and "## Pooled over the sets" in text
+    record = json.loads((out / "suite_quick.json").read_text())
+    assert set(record["sets"]) == set(suite.SETS) and record["pooled"]["sets"] == suite.SETS
+    assert record["wall"]["bigbench_default"]["verdict_cells"] == "4/4"
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["benchmark"] == "suite_quick"
+    f = figures["figures"]["align_minus_lora_pooled"]
+    assert f["interval"][0] <= f["value"] <= f["interval"][1] and f["unit"] == "points"
+    assert set(figures["figures"]) == {f"align_minus_lora_{w}" for w in [*suite.SETS, "pooled"]}
+
+    # a fresh work folder: the stored cells are copied in and nothing trains again; the same verdicts
+    again = suite.main(args + ["--work", str(tmp_path / "work2"), "--out", str(out)])
+    log = capsys.readouterr().out
+    assert f"{len(stored)} committed cells copied" in log and log.count("finished earlier: skipped") == len(stored)
+    assert not list((tmp_path / "work2").glob("**/runs"))
+    assert again["pooled"]["comparisons"][0]["pooled"]["diff"] == result["pooled"]["comparisons"][0]["pooled"]["diff"]
+
+
+def test_sync_copies_finished_cells_and_trains_nothing(tmp_path, capsys):
+    suite = load_suite()
+    work = tmp_path / "work"
+    cell = work / "mtl_cpu6" / "tune" / "trainer.learning_rate=1e-3" / "cells" / "k1.json"
+    cell.parent.mkdir(parents=True)
+    cell.write_text(json.dumps({"wall_s": 1800.0}))
+    (work / "mtl_cpu6" / "cells").mkdir()
+    (work / "mtl_cpu6" / "cells" / "k2.json").write_text(json.dumps({"wall_s": 3600.0}))
+    suite.main(["--sync", "--work", str(work), "--out", str(tmp_path / "results")])
+    assert suite.cell_files(tmp_path / "results" / "suite_cells") == suite.cell_files(work)
+    log = capsys.readouterr().out
+    assert "mtl_cpu6: tuning 1/12, verdict 1/8 cells, 1.5 h of cell time" in log
+    assert "bigbench_default: tuning 0/12, verdict 0/8 cells" in log
+
+
+def test_unknown_set_is_one_line_error(tmp_path):
+    suite = load_suite()
+    with pytest.raises(SystemExit) as err:
+        suite.main(["--sets", "mtl_cpu6,nope", "--work", str(tmp_path)])
+    assert "--sets" in str(err.value) and "\n" not in str(err.value)
