@@ -85,9 +85,8 @@ def task_fits(z: torch.Tensor, tasks: torch.Tensor) -> tuple[list[int], torch.Te
 def mean_pair_term(mu: torch.Tensor, var: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """The mean of D over the K(K−1)/2 pairs of fits μ, σ² [..., K, r] (K ≥ 2) -> [...]."""
     k = mu.shape[-2]
-    vp, vq = var.unsqueeze(-2) + eps, var.unsqueeze(-3) + eps                  # [..., K, 1, r], [..., 1, K, r]
-    d2 = (mu.unsqueeze(-2) - mu.unsqueeze(-3)) ** 2
-    d = 0.25 * (vp / vq + vq / vp - 2.0 + d2 * (1.0 / vp + 1.0 / vq)).sum(dim=-1)   # [..., K, K]
+    # every pair at once: p = [..., K, 1, r] against q = [..., 1, K, r] -> D [..., K, K]
+    d = symmetric_kl(mu.unsqueeze(-2), var.unsqueeze(-2), mu.unsqueeze(-3), var.unsqueeze(-3), eps)
     a, b = torch.triu_indices(k, k, 1, device=mu.device)
     return d[..., a, b].mean(dim=-1)
 
