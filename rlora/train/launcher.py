@@ -361,13 +361,15 @@ def results_table(summary: dict, whole: bool = False) -> str:
     if not tasks:
         return "(no evaluation results)"
     lines = ["| task | n | accuracy before | accuracy after | change | dev loss after |", "|---|---:|---:|---:|---:|---:|"]
-    accs_b, accs_a = [], []
+    accs_b, accs_a, changes = [], [], []
     rows = {}
     for tname in tasks:
         b, a = before.get(tname, {}), after.get(tname, {})
-        ab, aa = b.get("accuracy"), a.get("accuracy")
+        # a task with no accuracy (None, or NaN: no row could be scored) is shown blank and left out of the mean
+        ab, aa = (v if v is not None and v == v else None for v in (b.get("accuracy"), a.get("accuracy")))
         accs_b += [ab] if ab is not None else []
         accs_a += [aa] if aa is not None else []
+        changes += [aa - ab] if ab is not None and aa is not None else []
         ch = f"{100 * (aa - ab):+.1f}" if ab is not None and aa is not None else ""
         fmt = lambda v: f"{100 * v:.1f}" if v is not None else ""  # noqa: E731
         loss = a.get("loss")
@@ -386,11 +388,12 @@ def results_table(summary: dict, whole: bool = False) -> str:
             lines += [rows[t] for t in best]
     else:
         lines += [rows[t] for t in tasks]
-    if accs_a:
+    if accs_a:  # each column's mean over its tasks with an accuracy; the change's over tasks with both
         mb = sum(accs_b) / len(accs_b) if accs_b else None
         ma = sum(accs_a) / len(accs_a)
+        mc = sum(changes) / len(changes) if changes else None
         lines.append(f"| **mean** | | {'' if mb is None else f'{100 * mb:.1f}'} | {100 * ma:.1f} | "
-                     f"{'' if mb is None else f'{100 * (ma - mb):+.1f}'} | |")
+                     f"{'' if mc is None else f'{100 * mc:+.1f}'} | |")
     if summarised:
         lines.append(f"(all {len(tasks)} tasks: {summary.get('results_table') or 'the run folder'})")
     return "\n".join(lines)

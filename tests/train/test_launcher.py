@@ -207,3 +207,17 @@ def test_the_summarised_results_table_lists_each_task_once(finite, worst, best):
     assert (f"| *best {best} of 25* | | | | | |" in lines) == (best > 0)
     ranked = sorted(range(finite), key=lambda i: (i * 7 % 25, i))
     assert rows == [f"t{i:02d}" for i in ranked[:worst] + ranked[len(ranked) - best:][::-1]]
+
+
+def test_the_results_table_mean_leaves_out_tasks_without_an_accuracy():
+    """A task whose accuracy is NaN or missing is blank and left out of the mean (no 'nan' in the table); the
+    change's mean is over the tasks with both accuracies."""
+    from rlora.train.launcher import results_table
+
+    before = {"a": {"n": 4, "accuracy": 0.25}, "b": {"n": 4, "accuracy": 0.5}, "c": {"n": 4, "accuracy": float("nan")}}
+    after = {"a": {"n": 4, "accuracy": 0.75}, "b": {"n": 4, "accuracy": float("nan")}, "c": {"n": 4, "accuracy": 1.0}}
+    lines = results_table({"results_before": before, "results_after": after}).splitlines()
+    assert "nan" not in "\n".join(lines).lower()
+    assert "| b | 4 | 50.0 |  |  |  |" in lines
+    # before: mean of a, b = 37.5; after: mean of a, c = 87.5; change: a only, +50.0
+    assert lines[-1] == "| **mean** | | 37.5 | 87.5 | +50.0 | |"
