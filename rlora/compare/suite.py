@@ -117,6 +117,59 @@ class Suite:
         if pooled["comparisons"]:
             pooled_forest_plot(pooled, self.out / "forest_pooled.png")
             files.append("forest_pooled.png")
+        record = json.loads(json.dumps(to_json(pooled)))
+        run_id = log_pooled(self.cfg, self.out, record, [self.out / f for f in files])
         print(text, flush=True)
-        print(f"[rlora] compare: pooled report in {self.out} ({', '.join(files)})", flush=True)
-        return json.loads(json.dumps(to_json(pooled)))
+        print(f"[rlora] compare: pooled report in {self.out} ({', '.join(files)})"
+              + (f"; MLflow run {run_id}" if run_id else ""), flush=True)
+        return record
+
+
+POOLED_STATE = "pooled_state.json"  # OUT/: the pooled report's MLflow run id, reused by a re-run
+
+
+def pooled_metrics(pooled: dict) -> dict[str, float]:
+    """Per comparison, every set's and the pooled difference with its interval, and every arm's accuracy:
+    ``diff/<a>_vs_<b>/<set | pooled>[_lo | _hi]`` and ``accuracy/<arm>/<set | pooled>`` (fractions, as the
+    per-set parent runs log them)."""
+    out = {}
+    for c in pooled["comparisons"]:
+        a, b, p = c["a"], c["b"], c["pooled"]
+        key = f"diff/{a['method']}-{a['sampler']}_vs_{b['method']}-{b['sampler']}"
+        for where, r in [*p["sets"].items(), ("pooled", p)]:
+            out.update({f"{key}/{where}": r["diff"], f"{key}/{where}_lo": r["lo"], f"{key}/{where}_hi": r["hi"]})
+    for arm in pooled["arms"]:
+        key = f"accuracy/{arm['method']}-{arm['sampler']}"
+        out.update({f"{key}/{where}": v for where, v in arm["sets"].items()})
+        out[f"{key}/pooled"] = arm["mean"]
+    return out
+
+
+def log_pooled(cfg: RunConfig, out: Path, pooled: dict, files: list[Path]) -> Optional[str]:
+    """The pooled report as its own MLflow run (``compare-pooled``, in the comparison's experiment beside the sets'
+    parent runs): :func:`pooled_metrics`, the report files as artifacts, tags naming the sets and each set's
+    parent run. The run id is kept in ``OUT/pooled_state.json``, so a re-run logs to the same run. Returns it
+    (None with ``mlflow.enabled: false``)."""
+    if not cfg.mlflow.enabled:
+        return None
+    from ..tracking import mlflow_tracker
+
+    uri, exp_name, art = mlflow_tracker.resolve(cfg)
+    state_file = out / POOLED_STATE
+    run_id = json.loads(state_file.read_text())["run_id"] if state_file.is_file() else None
+    if run_id is None:
+        parents = {s: json.loads((out / s / "compare_state.json").read_text()).get("parent_run_id", "")
+                   for s in pooled["sets"] if (out / s / "compare_state.json").is_file()}
+        tags = {"rlora.compare": "pooled", "sets": ",".join(pooled["sets"]), "methods": ",".join(pooled["methods"]),
+                "baseline": pooled["baseline"]["method"], "weighting": pooled["weighting"],
+                **{f"parent_run.{s}": rid for s, rid in parents.items()}}
+        run = mlflow_tracker.client(uri).create_run(mlflow_tracker.ensure_experiment(uri, exp_name, art),
+                                                    run_name="compare-pooled", tags=tags)
+        run_id = run.info.run_id
+        _write_json(state_file, {"run_id": run_id, "tracking_uri": uri})
+    tracker = mlflow_tracker.Tracker(uri, run_id)
+    tracker.log_metrics(pooled_metrics(pooled), step=0)
+    for f in files:
+        tracker.log_artifact(str(f), "compare")
+    tracker.finish("FINISHED")
+    return run_id

@@ -283,3 +283,40 @@ def test_pooled_forest_plot_content(monkeypatch, tmp_path):
     with pytest.raises(CompareError) as err:
         pooled_forest_plot(dict(_hand_pooled(), comparisons=[]), tmp_path / "q.png")
     assert str(err.value) == "the pooled summary has no comparison to plot: it needs the baseline and another method"
+
+
+def test_the_pooled_report_is_its_own_mlflow_run_reused_by_a_re_run(tiny_model_dir, tmp_path):
+    """log_pooled with real MLflow (sqlite): a `compare-pooled` run with every set's and the pooled difference and
+    interval as metrics, the arms' accuracies, the report files as artifacts and the sets' parent runs as tags;
+    a second call logs to the same run."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from helpers import run_config
+    from rlora.compare.suite import log_pooled
+
+    sets = {f"s{k}": grid({"lora": 0.5, "mtl": 0.55}, samplers=("p",), seed=k) for k in range(2)}
+    pooled = json.loads(json.dumps(to_json(pool_sets(sets, "lora", "p", n_boot=200, seed=1))))
+    out = tmp_path / "cmp"
+    (out / "s0").mkdir(parents=True)
+    (out / "s0" / "compare_state.json").write_text(json.dumps({"parent_run_id": "abc"}))
+    (out / "pooled.md").write_text(pooled_markdown(pooled))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = run_config(tiny_model_dir, tmp_path, tmp_path, mlflow__tracking_uri=uri)
+    run_id = log_pooled(cfg, out, pooled, [out / "pooled.md"])
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.run_name == "compare-pooled" and run.info.status == "FINISHED"
+    assert run.data.tags["sets"] == "s0,s1" and run.data.tags["parent_run.s0"] == "abc"
+    line = pooled["comparisons"][0]["pooled"]
+    key = "diff/mtl-p_vs_lora-p"
+    assert run.data.metrics[f"{key}/pooled"] == line["diff"] and run.data.metrics[f"{key}/pooled_lo"] == line["lo"]
+    assert run.data.metrics[f"{key}/s1_hi"] == line["sets"]["s1"]["hi"]
+    mtl = next(a for a in pooled["arms"] if a["method"] == "mtl")
+    assert run.data.metrics["accuracy/mtl-p/pooled"] == mtl["mean"]
+    assert run.data.metrics["accuracy/mtl-p/s0"] == mtl["sets"]["s0"]
+    assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "compare")] == ["compare/pooled.md"]
+    assert log_pooled(cfg, out, pooled, []) == run_id
+    assert json.loads((out / "pooled_state.json").read_text())["run_id"] == run_id
+    assert log_pooled(cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"enabled": False})}),
+                      tmp_path / "other", pooled, []) is None
