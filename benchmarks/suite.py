@@ -9,12 +9,17 @@ over ``rlora compare`` (:class:`rlora.compare.suite.Suite`), with the suite's se
 * 2 seeds per verdict cell, 150 dev rows a task scored; each set reported, then pooled (stratified
   hierarchical bootstrap).
 
-The grid is long on two cores (a verdict cell ~12 min, a tuning cell ~6 min: ~20 h for the whole suite), so
-it runs in pieces: ``--sets`` trains one set's cells; every finished cell's record is copied to
-``benchmarks/results/suite_cells/`` (the work folder's layout) and copied back into the work folder before
-anything trains, so a fresh clone skips every committed cell (a cell's key is its config and its data's
-contents). When every set is done the report is written: ``suite.md``, ``suite.json``, ``suite_forest_<set>.png``
-and ``suite_forest_pooled.png`` in benchmarks/results (``suite_quick.*`` with ``--quick``).
+It trains the same cells (same keys, same folders) as, per set, ``rlora compare examples/configs/compare_cpu.yaml
+--local --methods lora,mtl,rlora,align --seeds 2 --sets SET --tune trainer.learning_rate=3e-4,1e-3,3e-3
+--tune-steps 100 --out outputs/suite eval.max_examples_per_task=150`` run from the repository root.
+
+The grid is long on two cores (a tuning cell ~7 min, a verdict cell ~13.5 min: ~2.8 h a set, ~8.5 h in all),
+so it runs in pieces: ``--sets`` trains only those sets' cells; every finished cell's record is copied to
+``benchmarks/results/suite_cells/`` (the work folder's layout; also when the run fails or is stopped) and copied
+back into the work folder before anything trains, so a fresh clone skips every committed cell (a cell's key is
+its config and its data's contents). When all three sets are done the report is written: ``suite.md``,
+``suite.json`` (with the settings and the cell time), ``suite_forest_<set>.png`` and ``suite_forest_pooled.png``
+in benchmarks/results (``suite_quick.*`` with ``--quick``).
 
     python benchmarks/suite.py [--quick] [--json] [--sets S,S] [--seeds N] [--work DIR] [--sync] [k=v overrides]
 
@@ -26,6 +31,7 @@ accuracies mean nothing).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,7 +40,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, parser  # noqa: E402
+from _common import emit, parser, positive_int  # noqa: E402
 
 CONFIG = REPO / "examples" / "configs" / "compare_cpu.yaml"
 RESULTS = REPO / "benchmarks" / "results"
@@ -53,26 +59,34 @@ def cell_files(root: Path) -> list[Path]:
 
 
 def copy_cells(src: Path, dst: Path) -> int:
-    """Copy the cell records of ``src`` that ``dst`` lacks (same relative paths); returns how many."""
+    """Copy the cell records of ``src`` that ``dst`` lacks (same relative paths; each written to a temporary
+    name and renamed, so an interrupted copy leaves no partial record); returns how many."""
     n = 0
     for rel in cell_files(src) if src.is_dir() else []:
         if not (dst / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / rel, dst / rel)
+            tmp = (dst / rel).with_name(f".{rel.name}.tmp-{os.getpid()}")
+            shutil.copyfile(src / rel, tmp)
+            os.replace(tmp, dst / rel)
             n += 1
     return n
 
 
 def progress(work: Path, sets: list[str], spec: dict) -> dict:
-    """Per set: tuning and verdict cells finished (of how many), and their wall time in hours."""
-    n_methods, n_values = len(spec["methods"]), len(spec["tune"][0].split("=", 1)[1].split(","))
+    """Per set: tuning and verdict cells of the suite's methods finished (of how many planned), and the wall
+    time of those cells in hours. Verdict cells count once per (method, seed) of the planned seeds."""
+    n_values = len(spec["tune"][0].split("=", 1)[1].split(","))
+    seeds = set(range(spec["seed"], spec["seed"] + spec["seeds"]))
     out = {}
     for name in sets:
-        rels = cell_files(work / name) if (work / name).is_dir() else []
-        tune = [rel for rel in rels if rel.parts[0] == "tune"]
-        hours = sum(json.loads((work / name / rel).read_text())["wall_s"] for rel in rels) / 3600
-        out[name] = {"tuning_cells": f"{len(tune)}/{n_methods * n_values}",
-                     "verdict_cells": f"{len(rels) - len(tune)}/{n_methods * spec['seeds']}",
+        folder = work / name
+        recs = {rel: json.loads((folder / rel).read_text()) for rel in cell_files(folder)} if folder.is_dir() else {}
+        mine = {rel: r for rel, r in recs.items() if r["method"] in spec["methods"]}
+        tune = [rel for rel in mine if rel.parts[0] == "tune"]
+        verdict = {(r["method"], r["seed"]): rel for rel, r in mine.items() if rel.parts[0] != "tune" and r["seed"] in seeds}
+        hours = sum(mine[rel]["wall_s"] for rel in [*tune, *verdict.values()]) / 3600
+        out[name] = {"tuning_cells": f"{len(tune)}/{len(spec['methods']) * n_values}",
+                     "verdict_cells": f"{len(verdict)}/{len(spec['methods']) * spec['seeds']}",
                      "cell_hours": round(hours, 2)}
     return out
 
@@ -91,57 +105,92 @@ def figures(result: dict) -> dict:
     return out
 
 
-def write_report(work: Path, out: Path, tag: str, sets: list[str], wall: dict) -> None:
-    """``<tag>.md`` (each set's report, then the pooled one), ``<tag>.json`` and the forest plots."""
-    parts = [f"# Quality suite: {', '.join(sets)}\n", "Cell time (hours, tuning and verdict cells): "
+def write_report(work: Path, out: Path, tag: str, spec: dict, wall: dict) -> None:
+    """``<tag>.md`` (the settings, each set's report, then the pooled one), ``<tag>.json`` and the forest plots."""
+    parts = [f"# Quality suite: {', '.join(SETS)}\n\n",
+             f"Settings: methods {', '.join(spec['methods'])}; tuning {'; '.join(spec['tune'])} "
+             f"({spec['tune_steps']} steps, {spec['val_rows']} validation rows a task); {spec['seeds']} seeds; "
+             f"overrides {' '.join(spec['overrides']) or 'none'}.\n\n",
+             "Cell time (hours, tuning and verdict cells): "
              + ", ".join(f"{s} {w['cell_hours']}" for s, w in wall.items()) + "\n"]
-    for s in sets:
-        parts += [f"\n## {s}\n", (work / s / "compare.md").read_text()]
+    for s in SETS:
+        parts += [f"\n## {s}\n\n", (work / s / "compare.md").read_text()]
         shutil.copyfile(work / s / "forest.png", out / f"{tag}_forest_{s}.png")
-    parts += ["\n## Pooled over the sets\n", (work / "pooled.md").read_text()]
+    parts += ["\n## Pooled over the sets\n\n", (work / "pooled.md").read_text()]
     if (work / "forest_pooled.png").is_file():
         shutil.copyfile(work / "forest_pooled.png", out / f"{tag}_forest_pooled.png")
     (out / f"{tag}.md").write_text("".join(parts))
-    record = {"sets": {s: json.loads((work / s / "compare.json").read_text()) for s in sets},
+    record = {"settings": spec, "sets": {s: json.loads((work / s / "compare.json").read_text()) for s in SETS},
               "pooled": json.loads((work / "pooled.json").read_text()), "wall": wall}
     (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    from rlora.compare.suite import Suite
-    from rlora.compare.tune import parse_tune
-    from rlora.config import load_config
-
+def arguments(argv: Optional[list[str]]):
+    """The parsed command line; the suite's sets in the suite's order (so a set's bootstrap seed does not
+    depend on how ``--sets`` lists it)."""
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--sets", help=f"train only these sets' cells (default all: {','.join(SETS)})")
-    ap.add_argument("--seeds", type=int, help="seeds per verdict cell (default 2)")
+    ap.add_argument("--seeds", type=positive_int, help="seeds per verdict cell (default 2)")
     ap.add_argument("--work", help="work folder (default outputs/suite, outputs/suite_quick with --quick)")
     ap.add_argument("--out", default=str(RESULTS), help="report and cells folder (default benchmarks/results)")
     ap.add_argument("--sync", action="store_true", help="train nothing: copy finished cells, print progress")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args(argv)
-    spec = dict(QUICK if args.quick else FULL, seeds=args.seeds or (QUICK if args.quick else FULL)["seeds"])
-    sets = [s.strip() for s in args.sets.split(",")] if args.sets else list(SETS)
-    if any(s not in SETS for s in sets):
-        raise SystemExit(f"error: --sets {args.sets}: the suite's sets are {','.join(SETS)}")
+    names = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else list(SETS)
+    if not names or any(s not in SETS for s in names):
+        raise SystemExit(f"error: --sets {args.sets}: give a comma-separated list of the suite's sets, {','.join(SETS)}")
+    args.sets = [s for s in SETS if s in names]
+    return args
+
+
+def load(spec: dict):
+    """The run config: compare_cpu.yaml with the suite's and the command line's overrides (a bad one: one line)."""
+    from rlora.config import ConfigError, load_config
+
+    try:
+        return load_config(CONFIG, spec["overrides"])
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_sets(cfg, spec: dict, work: Path, sets: list[str]) -> dict:
+    """Train what is missing of ``sets`` and report them (and, with every set, the pooled report)."""
+    from rlora.compare.suite import Suite
+    from rlora.compare.tune import parse_tune
+    from rlora.config import ConfigError
+
+    try:
+        arms = [(m, "proportional") for m in spec["methods"]]
+        return Suite(cfg, arms, spec["seeds"], "lora", "ab", work, sets=sets, tune=parse_tune(spec["tune"], cfg),
+                     tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True).run()
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Copy the stored cells in, train (unless ``--sync``), copy the finished cells out (whatever happened),
+    print the progress, and write the report once every set is done."""
+    args = arguments(argv)
+    base = QUICK if args.quick else FULL
+    spec = dict(base, seeds=args.seeds or base["seeds"], overrides=base["overrides"] + args.overrides)
+    cfg = load(spec)
+    spec["seed"] = cfg.trainer.seed
     tag = "suite_quick" if args.quick else "suite"
-    work = Path(args.work or REPO / "outputs" / tag)
-    out = Path(args.out)
+    work, out = Path(args.work or REPO / "outputs" / tag), Path(args.out)
     store = out / f"{tag}_cells"
     print(f"[suite] {copy_cells(store, work)} committed cells copied into {work}", flush=True)
     result: dict = {}
-    if not args.sync:
-        cfg = load_config(CONFIG, spec["overrides"] + list(args.overrides))
-        arms = [(m, "proportional") for m in spec["methods"]]
-        result = Suite(cfg, arms, spec["seeds"], "lora", "ab", work, sets=sets, tune=parse_tune(spec["tune"], cfg),
-                       tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True).run()
-    print(f"[suite] {copy_cells(work, store)} finished cells copied to {store}", flush=True)
-    wall = progress(work, sets, spec)
+    try:
+        if not args.sync:
+            result = run_sets(cfg, spec, work, args.sets)
+    finally:
+        print(f"[suite] {copy_cells(work, store)} finished cells copied to {store}", flush=True)
+    wall = progress(work, SETS, spec)
     for s, p in wall.items():
         print(f"[suite] {s}: tuning {p['tuning_cells']}, verdict {p['verdict_cells']} cells, "
               f"{p['cell_hours']} h of cell time", flush=True)
-    if result.get("pooled") and sets == SETS:
-        write_report(work, out, tag, sets, wall)
+    if result.get("pooled") and args.sets == SETS:
+        write_report(work, out, tag, spec, wall)
         print(f"[suite] report: {out / (tag + '.md')}", flush=True)
     emit(tag, figures(result), args.json)
     return result

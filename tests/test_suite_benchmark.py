@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_suite():
+    """benchmarks/suite.py as a module."""
     spec = importlib.util.spec_from_file_location("suite_bench", REPO / "benchmarks" / "suite.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["suite_bench"] = mod
@@ -43,12 +44,21 @@ def data_root(tmp_path):
 
 @pytest.mark.slow
 def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_dir, data_root, tmp_path, capsys):
+    """One set first (only its cells train, no report), then all three (the first set's cells are skipped, every
+    set tuned and reported, pooled); then a fresh work folder trains nothing and gives the same verdicts."""
     suite = load_suite()
     out, work = tmp_path / "results", tmp_path / "work"
     args = ["--quick", "--json", "--out", str(out), f"model.name_or_path={tiny_model_dir}",
             f"data.path={data_root / 'mtl_cpu6'}", "mlflow.enabled=false", "eval.max_examples_per_task=null"]
+    first = suite.main(args + ["--work", str(work), "--sets", "bigbench_default"])
+    assert list(first["sets"]) == ["bigbench_default"] and first["pooled"] is None
+    assert len(suite.cell_files(out / "suite_quick_cells")) == 8 and not (out / "suite_quick.md").exists()
+    assert "bigbench_default: tuning 4/4, verdict 4/4 cells" in capsys.readouterr().out
+
     result = suite.main(args + ["--work", str(work)])
     assert list(result["sets"]) == suite.SETS
+    log = capsys.readouterr().out
+    assert log.count("finished earlier: skipped") == 8
     # per set: 2 methods x 2 learning rates tuning cells, then 2 methods x 2 seeds verdict cells
     stored = suite.cell_files(out / "suite_quick_cells")
     assert len(stored) == 3 * (4 + 4) and stored == suite.cell_files(work)
@@ -61,38 +71,53 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
     assert all(f"## {s}" in text for s in suite.SETS) and "## Pooled over the sets" in text
     record = json.loads((out / "suite_quick.json").read_text())
     assert set(record["sets"]) == set(suite.SETS) and record["pooled"]["sets"] == suite.SETS
-    assert record["wall"]["bigbench_default"]["verdict_cells"] == "4/4"
-    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["wall"]["bigbench_default"]["verdict_cells"] == "4/4" and record["settings"]["seeds"] == 2
+    figures = json.loads(log.strip().splitlines()[-1])
     assert figures["benchmark"] == "suite_quick"
     f = figures["figures"]["align_minus_lora_pooled"]
     assert f["interval"][0] <= f["value"] <= f["interval"][1] and f["unit"] == "points"
     assert set(figures["figures"]) == {f"align_minus_lora_{w}" for w in [*suite.SETS, "pooled"]}
 
     # a fresh work folder: the stored cells are copied in and nothing trains again; the same verdicts
-    again = suite.main(args + ["--work", str(tmp_path / "work2"), "--out", str(out)])
+    again = suite.main(args + ["--work", str(tmp_path / "work2")])
     log = capsys.readouterr().out
     assert f"{len(stored)} committed cells copied" in log and log.count("finished earlier: skipped") == len(stored)
     assert not list((tmp_path / "work2").glob("**/runs"))
     assert again["pooled"]["comparisons"][0]["pooled"]["diff"] == result["pooled"]["comparisons"][0]["pooled"]["diff"]
 
 
-def test_sync_copies_finished_cells_and_trains_nothing(tmp_path, capsys):
+def test_sync_copies_finished_cells_counts_the_planned_ones_and_trains_nothing(tmp_path, capsys):
+    """--sync copies every record; the progress counts the suite's methods, and verdict cells of the planned
+    seeds only (--seeds 3 plans seeds 42..44)."""
     suite = load_suite()
     work = tmp_path / "work"
-    cell = work / "mtl_cpu6" / "tune" / "trainer.learning_rate=1e-3" / "cells" / "k1.json"
-    cell.parent.mkdir(parents=True)
-    cell.write_text(json.dumps({"wall_s": 1800.0}))
-    (work / "mtl_cpu6" / "cells").mkdir()
-    (work / "mtl_cpu6" / "cells" / "k2.json").write_text(json.dumps({"wall_s": 3600.0}))
+    cells = {"tune/trainer.learning_rate=1e-3/cells/k1.json": {"method": "lora", "seed": 1042, "wall_s": 1800.0},
+             "cells/k2.json": {"method": "lora", "seed": 42, "wall_s": 3600.0},
+             "cells/k3.json": {"method": "lora", "seed": 44, "wall_s": 3600.0},   # a third seed
+             "cells/k4.json": {"method": "hydra", "seed": 42, "wall_s": 3600.0}}  # not a suite method
+    for rel, rec in cells.items():
+        (work / "mtl_cpu6" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / "mtl_cpu6" / rel).write_text(json.dumps(rec))
     suite.main(["--sync", "--work", str(work), "--out", str(tmp_path / "results")])
     assert suite.cell_files(tmp_path / "results" / "suite_cells") == suite.cell_files(work)
     log = capsys.readouterr().out
     assert "mtl_cpu6: tuning 1/12, verdict 1/8 cells, 1.5 h of cell time" in log
     assert "bigbench_default: tuning 0/12, verdict 0/8 cells" in log
+    suite.main(["--sync", "--seeds", "3", "--work", str(work), "--out", str(tmp_path / "results")])
+    assert "mtl_cpu6: tuning 1/12, verdict 2/12 cells, 2.5 h of cell time" in capsys.readouterr().out
 
 
-def test_unknown_set_is_one_line_error(tmp_path):
+@pytest.mark.parametrize("argv, match", [(["--sets", "mtl_cpu6,nope"], "--sets"), (["--sets", ","], "--sets"),
+                                         (["--sync", "adapter.r=0"], "adapter.r")])
+def test_bad_input_is_one_line_error(tmp_path, argv, match):
     suite = load_suite()
     with pytest.raises(SystemExit) as err:
-        suite.main(["--sets", "mtl_cpu6,nope", "--work", str(tmp_path)])
-    assert "--sets" in str(err.value) and "\n" not in str(err.value)
+        suite.main(argv + ["--work", str(tmp_path)])
+    assert match in str(err.value) and "\n" not in str(err.value)
+
+
+def test_seeds_below_one_are_refused(tmp_path, capsys):
+    suite = load_suite()
+    with pytest.raises(SystemExit):
+        suite.main(["--sync", "--seeds", "0", "--work", str(tmp_path)])
+    assert "--seeds" in capsys.readouterr().err

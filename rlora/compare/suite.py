@@ -15,6 +15,7 @@ report are exactly its own report's (:mod:`rlora.compare.pooled`). Every cell is
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +25,7 @@ from .runner import Comparison, _write_json
 from .tune import Score, comparison_score, tune_arms
 
 Arm = tuple[str, str]
+POOLED_STATE = "pooled_state.json"  # OUT/: the pooled report's MLflow run id, reused by a re-run of the same sets
 
 
 TUNING_SEED_OFFSET = 1000
@@ -125,48 +127,62 @@ class Suite:
         return record
 
 
-POOLED_STATE = "pooled_state.json"  # OUT/: the pooled report's MLflow run id, reused by a re-run
+def metric_part(name: str) -> str:
+    """A set's name as a part of an MLflow metric or tag key: characters MLflow refuses become ``_``; a set
+    named ``pooled`` becomes ``set_pooled`` (``pooled`` is the pooled line's own key)."""
+    part = re.sub(r"[^\w.\- ]", "_", name)
+    return "set_pooled" if part == "pooled" else part
 
 
 def pooled_metrics(pooled: dict) -> dict[str, float]:
     """Per comparison, every set's and the pooled difference with its interval, and every arm's accuracy:
     ``diff/<a>_vs_<b>/<set | pooled>[_lo | _hi]`` and ``accuracy/<arm>/<set | pooled>`` (fractions, as the
-    per-set parent runs log them)."""
+    per-set parent runs log them; set names through :func:`metric_part`)."""
     out = {}
     for c in pooled["comparisons"]:
         a, b, p = c["a"], c["b"], c["pooled"]
         key = f"diff/{a['method']}-{a['sampler']}_vs_{b['method']}-{b['sampler']}"
-        for where, r in [*p["sets"].items(), ("pooled", p)]:
+        for where, r in [*((metric_part(s), r) for s, r in p["sets"].items()), ("pooled", p)]:
             out.update({f"{key}/{where}": r["diff"], f"{key}/{where}_lo": r["lo"], f"{key}/{where}_hi": r["hi"]})
     for arm in pooled["arms"]:
         key = f"accuracy/{arm['method']}-{arm['sampler']}"
-        out.update({f"{key}/{where}": v for where, v in arm["sets"].items()})
+        out.update({f"{key}/{metric_part(s)}": v for s, v in arm["sets"].items()})
         out[f"{key}/pooled"] = arm["mean"]
     return out
+
+
+def _pooled_run(uri: str, exp_id: str, out: Path, pooled: dict) -> str:
+    """A new ``compare-pooled`` run, tagged with the sets, methods, baseline and each set's parent run."""
+    from ..tracking import mlflow_tracker
+
+    parents = {s: json.loads((out / s / "compare_state.json").read_text()).get("parent_run_id", "")
+               for s in pooled["sets"] if (out / s / "compare_state.json").is_file()}
+    tags = {"rlora.compare": "pooled", "sets": ",".join(pooled["sets"]), "methods": ",".join(pooled["methods"]),
+            "baseline": pooled["baseline"]["method"], "weighting": pooled["weighting"],
+            **{f"parent_run.{metric_part(s)}": rid for s, rid in parents.items()}}
+    try:
+        return mlflow_tracker.client(uri).create_run(exp_id, run_name="compare-pooled", tags=tags).info.run_id
+    except Exception as e:  # noqa: BLE001 - a refused request becomes rlora's one-line error
+        raise mlflow_tracker._unreachable(uri, e) from None
 
 
 def log_pooled(cfg: RunConfig, out: Path, pooled: dict, files: list[Path]) -> Optional[str]:
     """The pooled report as its own MLflow run (``compare-pooled``, in the comparison's experiment beside the sets'
     parent runs): :func:`pooled_metrics`, the report files as artifacts, tags naming the sets and each set's
-    parent run. The run id is kept in ``OUT/pooled_state.json``, so a re-run logs to the same run. Returns it
-    (None with ``mlflow.enabled: false``)."""
+    parent run. The run id is kept in ``OUT/pooled_state.json`` with the sets and the tracking URI; a re-run of
+    the same sets to the same store logs to the same run, other sets get a new run. Returns the run id (None
+    with ``mlflow.enabled: false``)."""
     if not cfg.mlflow.enabled:
         return None
     from ..tracking import mlflow_tracker
 
     uri, exp_name, art = mlflow_tracker.resolve(cfg)
     state_file = out / POOLED_STATE
-    run_id = json.loads(state_file.read_text())["run_id"] if state_file.is_file() else None
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    run_id = state.get("run_id") if (state.get("sets"), state.get("tracking_uri")) == (pooled["sets"], uri) else None
     if run_id is None:
-        parents = {s: json.loads((out / s / "compare_state.json").read_text()).get("parent_run_id", "")
-                   for s in pooled["sets"] if (out / s / "compare_state.json").is_file()}
-        tags = {"rlora.compare": "pooled", "sets": ",".join(pooled["sets"]), "methods": ",".join(pooled["methods"]),
-                "baseline": pooled["baseline"]["method"], "weighting": pooled["weighting"],
-                **{f"parent_run.{s}": rid for s, rid in parents.items()}}
-        run = mlflow_tracker.client(uri).create_run(mlflow_tracker.ensure_experiment(uri, exp_name, art),
-                                                    run_name="compare-pooled", tags=tags)
-        run_id = run.info.run_id
-        _write_json(state_file, {"run_id": run_id, "tracking_uri": uri})
+        run_id = _pooled_run(uri, mlflow_tracker.ensure_experiment(uri, exp_name, art), out, pooled)
+        _write_json(state_file, {"run_id": run_id, "tracking_uri": uri, "sets": pooled["sets"]})
     tracker = mlflow_tracker.Tracker(uri, run_id)
     tracker.log_metrics(pooled_metrics(pooled), step=0)
     for f in files:

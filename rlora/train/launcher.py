@@ -377,8 +377,9 @@ def results_table(summary: dict, whole: bool = False) -> str:
                        f"{'' if loss is None else f'{loss:.3f}'} |")
     summarised = len(tasks) > SUMMARY_ABOVE and not whole
     if summarised:
-        key = {t: (after.get(t) or before.get(t) or {}).get("accuracy") for t in tasks}
-        ranked = sorted((t for t in tasks if key[t] is not None and key[t] == key[t]), key=key.__getitem__)
+        key = {t: next((v for v in ((after.get(t) or {}).get("accuracy"), (before.get(t) or {}).get("accuracy"))
+                        if v is not None and v == v), None) for t in tasks}
+        ranked = sorted((t for t in tasks if key[t] is not None), key=key.__getitem__)
         # fewer than 2 x SUMMARY_EACH ranked tasks: "best" takes only those not already listed as worst
         worst, best = ranked[:SUMMARY_EACH], ranked[max(SUMMARY_EACH, len(ranked) - SUMMARY_EACH):][::-1]
         lines.append(f"| *worst {len(worst)} of {len(tasks)}* | | | | | |")
@@ -388,12 +389,10 @@ def results_table(summary: dict, whole: bool = False) -> str:
             lines += [rows[t] for t in best]
     else:
         lines += [rows[t] for t in tasks]
-    if accs_a:  # each column's mean over its tasks with an accuracy; the change's over tasks with both
-        mb = sum(accs_b) / len(accs_b) if accs_b else None
-        ma = sum(accs_a) / len(accs_a)
-        mc = sum(changes) / len(changes) if changes else None
-        lines.append(f"| **mean** | | {'' if mb is None else f'{100 * mb:.1f}'} | {100 * ma:.1f} | "
-                     f"{'' if mc is None else f'{100 * mc:+.1f}'} | |")
+    if accs_a or accs_b:  # each column's mean over its tasks with an accuracy; the change's over tasks with both
+        mb, ma, mc = (sum(v) / len(v) if v else None for v in (accs_b, accs_a, changes))
+        pct = lambda v, fmt: "" if v is None else format(100 * v, fmt)  # noqa: E731
+        lines.append(f"| **mean** | | {pct(mb, '.1f')} | {pct(ma, '.1f')} | {pct(mc, '+.1f')} | |")
     if summarised:
         lines.append(f"(all {len(tasks)} tasks: {summary.get('results_table') or 'the run folder'})")
     return "\n".join(lines)

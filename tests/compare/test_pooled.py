@@ -318,5 +318,13 @@ def test_the_pooled_report_is_its_own_mlflow_run_reused_by_a_re_run(tiny_model_d
     assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "compare")] == ["compare/pooled.md"]
     assert log_pooled(cfg, out, pooled, []) == run_id
     assert json.loads((out / "pooled_state.json").read_text())["run_id"] == run_id
+    # other sets (here one renamed to names MLflow refuses in keys, and "pooled"): a new run, keys made legal
+    odd = dict(pooled, sets=["a+b", "pooled"], comparisons=[dict(pooled["comparisons"][0], pooled=dict(
+        line, sets={"a+b": line["sets"]["s0"], "pooled": line["sets"]["s1"]}))],
+        arms=[dict(a, sets={"a+b": a["sets"]["s0"], "pooled": a["sets"]["s1"]}) for a in pooled["arms"]])
+    other = log_pooled(cfg, out, odd, [])
+    metrics = MlflowClient(uri).get_run(other).data.metrics
+    assert other != run_id and metrics[f"{key}/a_b"] == line["sets"]["s0"]["diff"]
+    assert metrics[f"{key}/set_pooled"] == line["sets"]["s1"]["diff"] and metrics[f"{key}/pooled"] == line["diff"]
     assert log_pooled(cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"enabled": False})}),
                       tmp_path / "other", pooled, []) is None

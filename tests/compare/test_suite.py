@@ -36,7 +36,7 @@ def test_sets_tuned_reported_and_pooled_then_resumed(tiny_model_dir, tmp_path):
         write_tasks(root / name, n_train=24, n_dev=8, seed=k)
     cfg = run_config(tiny_model_dir, root / "alpha", tmp_path, trainer__max_steps=3, trainer__save_steps=2,
                      eval__max_examples_per_task="null", diagnostics__enabled=False, ray__num_workers=1,
-                     mlflow__enabled="false")
+                     mlflow__tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow__log_system_metrics="false")
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     out = tmp_path / "cmp"
@@ -91,6 +91,17 @@ def test_sets_tuned_reported_and_pooled_then_resumed(tiny_model_dir, tmp_path):
         assert report["budget"]["mode"] == "ab" and report["budget"]["lora_rank"] == verdict["lora"]["rank"]
         assert "Tuning" in (folder / "compare.md").read_text() and "LoRA rank" in (folder / "compare.md").read_text()
     assert line["pooled"]["diff"] == pytest.approx(sum(s["diff"] for s in line["pooled"]["sets"].values()) / 2)
+    # the pooled report is an MLflow run beside the sets' parent runs, naming them
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(json.loads((out / "pooled_state.json").read_text())["run_id"])
+    assert run.info.run_name == "compare-pooled" and run.data.tags["sets"] == "alpha,beta"
+    for name in ("alpha", "beta"):
+        parent = json.loads((out / name / "compare_state.json").read_text())["parent_run_id"]
+        assert run.data.tags[f"parent_run.{name}"] == parent
+        assert run.data.metrics[f"diff/hydra-proportional_vs_lora-proportional/{name}"] == line["pooled"]["sets"][name]["diff"]
+    assert run.data.metrics["diff/hydra-proportional_vs_lora-proportional/pooled"] == line["pooled"]["diff"]
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -201,6 +201,9 @@ def test_the_summarised_results_table_lists_each_task_once(finite, worst, best):
 
     after = {f"t{i:02d}": {"n": 4, "accuracy": (i * 7 % 25) / 25 if i < finite else float("nan")} for i in range(25)}
     lines = results_table({"results_after": after, "results_table": "x.md"}).splitlines()
+    # a task with NaN after training but an accuracy before is ranked by its accuracy before
+    before = {"t24": {"n": 4, "accuracy": -1.0}}
+    assert "| t24 |" in results_table({"results_before": before, "results_after": after, "results_table": "x.md"})
     rows = [ln.split(" | ")[0][2:] for ln in lines if re.match(r"\| t\d\d \|", ln)]
     assert len(rows) == len(set(rows)) == worst + best
     assert f"| *worst {worst} of 25* | | | | | |" in lines
@@ -215,9 +218,13 @@ def test_the_results_table_mean_leaves_out_tasks_without_an_accuracy():
     from rlora.train.launcher import results_table
 
     before = {"a": {"n": 4, "accuracy": 0.25}, "b": {"n": 4, "accuracy": 0.5}, "c": {"n": 4, "accuracy": float("nan")}}
-    after = {"a": {"n": 4, "accuracy": 0.75}, "b": {"n": 4, "accuracy": float("nan")}, "c": {"n": 4, "accuracy": 1.0}}
+    after = {"a": {"n": 4, "accuracy": 0.75}, "b": {"n": 4, "accuracy": float("nan")}, "c": {"n": 4, "accuracy": 0.5}}
     lines = results_table({"results_before": before, "results_after": after}).splitlines()
     assert "nan" not in "\n".join(lines).lower()
     assert "| b | 4 | 50.0 |  |  |  |" in lines
-    # before: mean of a, b = 37.5; after: mean of a, c = 87.5; change: a only, +50.0
-    assert lines[-1] == "| **mean** | | 37.5 | 87.5 | +50.0 | |"
+    # before: mean of a, b = 37.5; after: mean of a, c = 62.5; change: a only, +50.0 (not 62.5 - 37.5)
+    assert lines[-1] == "| **mean** | | 37.5 | 62.5 | +50.0 | |"
+    # no accuracy after training at all: the mean row still shows the mean before
+    none_after = {t: {"n": 4, "accuracy": float("nan")} for t in before}
+    assert results_table({"results_before": before, "results_after": none_after}).splitlines()[-1] == \
+        "| **mean** | | 37.5 |  |  | |"
