@@ -309,6 +309,24 @@ def _score_group(model, split, rows: Sequence[Row], c: int, prefix: Optional[KV]
     return out
 
 
+def _prefix_cache(model, split, prefix: list[int], distinct: Optional[list[int]], one, batch_size: int) -> KV:
+    """Keys/values of the shared prefix, one entry per task in ``distinct`` (None: one entry, task ``one``):
+    forwards of at most ``batch_size`` tasks each (hundreds of tasks would otherwise be one forward of hundreds
+    of rows), concatenated along the batch dimension -> per layer (k, v) [n, heads, c, head_dim]."""
+    c, n = len(prefix), len(distinct) if distinct else 1
+    parts = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        ids = torch.tensor([prefix] * b, dtype=torch.long)
+        allowed = torch.ones(c, c, dtype=torch.bool).tril()[None].expand(b, c, c)
+        tasks = torch.tensor(distinct[start:start + b]) if distinct else one
+        parts.append(_forward(model, split, ids, allowed, torch.arange(c)[None].expand(b, c), None, tasks,
+                              need_cache=True)[1])
+    if len(parts) == 1:
+        return parts[0]
+    return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+
+
 def _score_tree(model, rows: Sequence[Row], pad_id: int, batch_size: int, max_length: int,
                 task_id, on_rows) -> list[list[tuple[float, int]]]:
     split = decoder_and_head(model)
@@ -317,12 +335,7 @@ def _score_tree(model, rows: Sequence[Row], pad_id: int, batch_size: int, max_le
     prefix, distinct = None, None
     if c:  # the prefix's keys/values depend on the task's adapter: once per task present
         distinct = sorted(set(per_row)) if per_row is not None else None
-        n = len(distinct) if distinct else 1
-        ids = torch.tensor([rows[0].prompt[:c]] * n, dtype=torch.long)
-        allowed = torch.ones(c, c, dtype=torch.bool).tril()[None].expand(n, c, c)
-        tasks = torch.tensor(distinct) if distinct else one
-        _, prefix = _forward(model, split, ids, allowed, torch.arange(c)[None].expand(n, c), None, tasks,
-                             need_cache=True)
+        prefix = _prefix_cache(model, split, rows[0].prompt[:c], distinct, one, batch_size)
     costs = [len(r.prompt) - c + len(r.trie.internal) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -costs[i])
     out: list[list[tuple[float, int]]] = [[] for _ in rows]

@@ -172,8 +172,9 @@ def test_tasks_scored_together_equal_one_task_at_a_time(smol_tokenizer, packed, 
     monkeypatch.setattr("rlora.data.evaluate.score_options",
                         lambda *a, **k: real(*a[:6], packed, *a[7:], **k) if len(a) > 6 else real(*a, **k))
     forwards = []
-    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a: forwards.append(1))
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a: forwards.append(a[0].shape[0]))
     together = evaluate_tasks(model, smol_tokenizer, tasks, names, batch_size=8, progress=False)
+    assert max(forwards) <= 8  # the 12 tasks' shared prefix too: two forwards, not one of 12 rows
     n_together = len(forwards)
     alone = {n: evaluate_multiple_choice(model, smol_tokenizer, tasks[n], batch_size=8, task_id=i,
                                          packed=packed, return_details=True) for i, n in enumerate(names)}
