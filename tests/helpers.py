@@ -11,6 +11,18 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 DEMO_DATA = REPO / "examples" / "data" / "bigbench_default"
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (``<name>_bench``), e.g. to call its ``main(argv)``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tiny_llama(vocab=128, hidden=64, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 

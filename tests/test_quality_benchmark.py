@@ -1,25 +1,19 @@
 """benchmarks/quality.py, the wrapper over `rlora compare`, on another dataset (tiny random model:
 mechanics only)."""
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import write_tasks
+from helpers import load_benchmark, write_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def load_quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quality_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality")
 
 
 @pytest.fixture

@@ -1,25 +1,18 @@
 """benchmarks/suite.py, the three-set suite over `rlora compare`, on stand-in sets (tiny random model:
 mechanics only): every set tuned and reported, pooled, cells stored and resumed on another work folder."""
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import write_tasks
+from helpers import load_benchmark, write_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_suite():
-    """benchmarks/suite.py as a module."""
-    spec = importlib.util.spec_from_file_location("suite_bench", REPO / "benchmarks" / "suite.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["suite_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("suite")
 
 
 def renamed_task(src: Path, dst: Path, name: str) -> None:
