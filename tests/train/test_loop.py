@@ -165,10 +165,11 @@ def test_per_device_eval_batch_size_sets_the_rows_per_forward(tiny_model_dir, ta
     calls = count_eval_forwards(model)
     fit(knob_cfg(tiny_model_dir, task_dir, tmp_path, trainer__per_device_eval_batch_size=batch,
                  eval__max_examples_per_task=4), model=model)
-    # 3 tasks x 4 dev rows, scored together: one forward of the prompts' shared prefix (a batch of one per
-    # task), then two per batch of rows (their prompts, then their options): 12 batches of 1 row, or 1 of 12
-    batches = 12 if batch == 1 else 1
-    assert len(calls) == 1 + 2 * batches
+    # 3 tasks x 4 dev rows, scored together: the prompts' shared prefix (one row per task, at most `batch` rows a
+    # forward: 3 forwards of 1, or 1 of 3), then two per batch of rows (their prompts, then their options):
+    # 12 batches of 1 row, or 1 of 12
+    prefix, batches = (3, 12) if batch == 1 else (1, 1)
+    assert len(calls) == prefix + 2 * batches
 
 
 def count_train_forwards(module):
