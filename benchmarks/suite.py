@@ -25,6 +25,9 @@ in benchmarks/results (``suite_quick.*`` with ``--quick``).
 
 ``--sync``: train nothing; copy the finished cells of the work folder to the results folder (a run of this
 script or of the equivalent ``rlora compare`` command in progress keeps going) and print the progress.
+``--rank-check [--rank-values V,V]``: does tuning at 100 steps pick what tuning at the verdict's 200 steps
+would? Trains the ``--sets``' tuning cells again at 200 steps (the 100-step ones too, where missing) and writes
+``suite_rank_check.{md,json}``: per set and method, both scores per value, both picks, whether they agree.
 ``--quick``: 2 steps, 4 dev and 4 validation rows a task, two methods and two learning rates (minutes; its
 accuracies mean nothing).
 """
@@ -125,6 +128,84 @@ def write_report(work: Path, out: Path, tag: str, spec: dict, wall: dict) -> Non
     (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
 
 
+def agreement(short: dict, full: dict) -> dict:
+    """One arm's tuning at the suite's steps (``short``) against tuning at the verdict's steps (``full``), both
+    :func:`~rlora.compare.tune.tune_arms` entries: the scores of the candidates ``full`` trained, each side's
+    pick among them (a tie to the one listed first, as in tuning), whether the picks agree and whether the
+    candidates rank in the same order."""
+    labels = list(full["scores"])
+    s = {lb: short["scores"][lb] for lb in labels}
+    f = full["scores"]
+
+    def order(scores: dict) -> list[str]:
+        return sorted(labels, key=lambda lb: (-scores[lb], labels.index(lb)))
+
+    return {"method": full["method"], "scores_short": s, "scores_full": f, "pick_short": order(s)[0],
+            "pick_full": order(f)[0], "suite_pick": short["picked"], "same_pick": order(s)[0] == order(f)[0],
+            "same_order": order(s) == order(f)}
+
+
+def rank_check(cfg, spec: dict, work: Path, sets: list[str], values: Optional[list[str]]) -> dict:
+    """Does tuning at the suite's ``tune_steps`` pick what tuning at the verdict's own steps would? Per set and
+    method, the tuning cells are trained again at ``trainer.max_steps`` (same seed, carved rows, validation
+    rows) for ``values`` of the tuned key (default all) in ``<work>/<set>/tune_<steps>/``, and both sides'
+    picks among those values are compared (:func:`agreement`). Returns ``{set: [agreement per method]}``."""
+    from rlora.compare.suite import Suite
+    from rlora.compare.tune import parse_tune
+    from rlora.config import ConfigError
+
+    try:
+        tune = parse_tune(spec["tune"], cfg)
+        key = tune[0][0]
+        checked = parse_tune([f"{key}={','.join(values)}"], cfg) if values else tune
+        if not set(checked[0][1]) <= set(tune[0][1]):
+            raise ConfigError(f"--rank-values {','.join(values or [])}: use values the suite tunes, "
+                              f"{','.join(tune[0][1])}")
+        arms = [(m, "proportional") for m in spec["methods"]]
+        suite = Suite(cfg, arms, spec["seeds"], "lora", "ab", work, sets=sets, tune=tune,
+                      tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True)
+        steps = cfg.trainer.max_steps
+        out = {}
+        for name, folder in suite._folders().items():
+            _, tcfg = suite.tuning_configs(name, folder)
+            short = suite.tuned(name, tcfg, tune, spec["tune_steps"], "tune")
+            full = suite.tuned(name, tcfg, checked, steps, f"tune_{steps}")
+            out[name] = [agreement(a, b) for a, b in zip(short, full)]
+        return out
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def write_rank_check(result: dict, spec: dict, steps: int, out: Path, tag: str) -> dict:
+    """``<tag>_rank_check.{md,json}``; returns the figures (picks and orders that agree, of how many)."""
+    short = spec["tune_steps"]
+    lines = [f"# Tuning at {short} steps against tuning at {steps} steps\n\n",
+             f"Validation macro mean (%) per candidate, one tuning cell each (seed trainer.seed + 1000, "
+             f"{spec['val_rows']} validation rows a task carved from the training rows); each side's pick among "
+             f"the checked values. The suite tunes at {short} steps and trains its verdict cells for {steps}.\n\n",
+             f"| set | method | " + " | ".join(f"{lb.split('=', 1)[1]} @{short} / @{steps}"
+                                             for lb in next(iter(result.values()))[0]["scores_full"])
+             + f" | pick @{short} | pick @{steps} | same pick | same order |\n",
+             "|---|---|" + "---|" * (len(next(iter(result.values()))[0]["scores_full"]) + 4) + "\n"]
+    for name, rows in result.items():
+        for r in rows:
+            cells = " | ".join(f"{100 * r['scores_short'][lb]:.1f} / {100 * r['scores_full'][lb]:.1f}"
+                               for lb in r["scores_full"])
+            lines.append(f"| {name} | {r['method']} | {cells} | {r['pick_short'].split('=', 1)[1]} | "
+                         f"{r['pick_full'].split('=', 1)[1]} | {'yes' if r['same_pick'] else 'NO'} | "
+                         f"{'yes' if r['same_order'] else 'no'} |\n")
+    rows = [r for rs in result.values() for r in rs]
+    n_pick, n_order = sum(r["same_pick"] for r in rows), sum(r["same_order"] for r in rows)
+    lines.append(f"\nSame pick: {n_pick} of {len(rows)}; same order: {n_order} of {len(rows)}.\n")
+    (out / f"{tag}_rank_check.md").write_text("".join(lines))
+    (out / f"{tag}_rank_check.json").write_text(json.dumps({"short_steps": short, "full_steps": steps,
+                                                            "sets": result}, indent=1))
+    return {"same_pick": {"value": n_pick / len(rows), "spread": 0, "target": "info", "unit": "fraction",
+                          "of": len(rows)},
+            "same_order": {"value": n_order / len(rows), "spread": 0, "target": "info", "unit": "fraction",
+                           "of": len(rows)}}
+
+
 def arguments(argv: Optional[list[str]]):
     """The parsed command line; the suite's sets in the suite's order (so a set's bootstrap seed does not
     depend on how ``--sets`` lists it)."""
@@ -134,12 +215,22 @@ def arguments(argv: Optional[list[str]]):
     ap.add_argument("--work", help="work folder (default outputs/suite, outputs/suite_quick with --quick)")
     ap.add_argument("--out", default=str(RESULTS), help="report and cells folder (default benchmarks/results)")
     ap.add_argument("--sync", action="store_true", help="train nothing: copy finished cells, print progress")
+    ap.add_argument("--rank-check", action="store_true",
+                    help="train the tuning cells again at the verdict's steps and report whether the picks agree")
+    ap.add_argument("--rank-values", help="with --rank-check: only these values of the tuned key (default all)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.sets.split(",") if s.strip()] if args.sets else list(SETS)
     if not names or any(s not in SETS for s in names):
         raise SystemExit(f"error: --sets {args.sets}: give a comma-separated list of the suite's sets, {','.join(SETS)}")
     args.sets = [s for s in SETS if s in names]
+    if args.rank_values is not None and not args.rank_check:
+        raise SystemExit("error: --rank-values only applies with --rank-check: add --rank-check or drop it")
+    if args.rank_check and args.sync:
+        raise SystemExit("error: --rank-check trains cells and --sync trains nothing: use one of them")
+    args.rank_values = [v.strip() for v in args.rank_values.split(",") if v.strip()] if args.rank_values else None
+    if args.rank_check and args.rank_values is not None and len(args.rank_values) < 2:
+        raise SystemExit("error: --rank-values: give at least two values to rank, e.g. --rank-values 1e-3,3e-3")
     return args
 
 
@@ -181,10 +272,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"[suite] {copy_cells(store, work)} committed cells copied into {work}", flush=True)
     result: dict = {}
     try:
-        if not args.sync:
+        if args.rank_check:
+            checked = rank_check(cfg, spec, work, args.sets, args.rank_values)
+        elif not args.sync:
             result = run_sets(cfg, spec, work, args.sets)
     finally:
         print(f"[suite] {copy_cells(work, store)} finished cells copied to {store}", flush=True)
+    if args.rank_check:
+        figs = write_rank_check(checked, spec, cfg.trainer.max_steps, out, tag)
+        print((out / f"{tag}_rank_check.md").read_text(), flush=True)
+        emit(f"{tag}_rank_check", figs, args.json)
+        return checked
     wall = progress(work, SETS, spec)
     for s, p in wall.items():
         print(f"[suite] {s}: tuning {p['tuning_cells']}, verdict {p['verdict_cells']} cells, "

@@ -82,19 +82,11 @@ class Suite:
         out = self.out / name if name else self.out
         overrides, tuning = None, None
         if self.tune:
-            seed = cfg.trainer.seed
-            carved = carve_validation(folder, self.out / "data" / f"{name or folder.name}.val{self.val_rows}-s{seed}",
-                                      self.val_rows, seed)
-            cfg.data.path = str(carved)
-            tcfg = cfg.model_copy(deep=True)
-            tcfg.trainer.seed = tuning_seed(seed, self.seeds)
-            score: Score = (self.score(name, tcfg) if self.score else
-                            comparison_score(tcfg, self.arms, self.baseline, self.budget, out / "tune",
-                                             self.tune_steps, self.local, self.verbose))
-            picks = tune_arms(self.arms, self.tune, score)
+            cfg, tcfg = self.tuning_configs(name, folder)
+            picks = self.tuned(name, tcfg, self.tune, self.tune_steps, "tune")
             overrides = {(p["method"], p["sampler"]): p["overrides"] for p in picks}
             tuning = {"keys": [k_ for k_, _ in self.tune], "seed": tcfg.trainer.seed, "val_rows": self.val_rows,
-                      "steps": self.tune_steps or cfg.trainer.max_steps, "data": str(carved), "picks": picks}
+                      "steps": self.tune_steps or cfg.trainer.max_steps, "data": cfg.data.path, "picks": picks}
             for p in picks:
                 print(f"[rlora] compare: tuned {p['method']}/{p['sampler']}: {p['picked']} (validation "
                       + ", ".join(f"{lb} {100 * v:.1f}" for lb, v in p["scores"].items()) + ")", flush=True)
@@ -104,6 +96,28 @@ class Suite:
                                 name=name or None)
         summary = comparison.run()
         return summary, comparison.cell_records
+
+    def tuning_configs(self, name: str, folder: Path) -> tuple[RunConfig, RunConfig]:
+        """The set's verdict config on its carved training rows, and its tuning config (the same, with the
+        tuning seed). The carved folder is rebuilt byte for byte when missing."""
+        cfg = self.cfg.model_copy(deep=True)
+        seed = cfg.trainer.seed
+        carved = carve_validation(folder, self.out / "data" / f"{name or folder.name}.val{self.val_rows}-s{seed}",
+                                  self.val_rows, seed)
+        cfg.data.path = str(carved)
+        tcfg = cfg.model_copy(deep=True)
+        tcfg.trainer.seed = tuning_seed(seed, self.seeds)
+        return cfg, tcfg
+
+    def tuned(self, name: str, tcfg: RunConfig, spec: Sequence[tuple[str, list[str]]], steps: Optional[int],
+              folder: str) -> list[dict]:
+        """Per arm, the validation score of every candidate of ``spec`` trained ``steps`` steps (None: the
+        config's) in ``OUT/<set>/<folder>/<candidate>``, and the pick (:func:`~rlora.compare.tune.tune_arms`)."""
+        out = (self.out / name if name else self.out) / folder
+        score: Score = (self.score(name, tcfg) if self.score else
+                        comparison_score(tcfg, self.arms, self.baseline, self.budget, out, steps, self.local,
+                                         self.verbose))
+        return tune_arms(self.arms, spec, score)
 
     def _pool(self, cells: dict[str, list[dict]]) -> dict:
         from .pooled import pool_sets
