@@ -5,15 +5,15 @@ over ``rlora compare`` (:class:`rlora.compare.suite.Suite`), with the suite's se
   (``examples/configs/compare_cpu.yaml``: SmolLM2-135M, multi-head r = 8, N = 3 vs LoRA rank 14, 200 steps);
 * sets ``mtl_cpu6, bigbench_default, mtl_gpu12_rest`` (the last built at run time from ``../shared/data``);
 * per arm and set, the learning rate picked from 3e-4, 1e-3, 3e-3 on 100 validation rows a task carved from
-  the training rows (one tuning cell each, 100 steps, seed ``trainer.seed + 1000``);
+  the training rows (one tuning cell each, trained the verdict's 200 steps, seed ``trainer.seed + 1000``);
 * 2 seeds per verdict cell, 150 dev rows a task scored; each set reported, then pooled (stratified
   hierarchical bootstrap).
 
 It trains the same cells (same keys, same folders) as, per set, ``rlora compare examples/configs/compare_cpu.yaml
 --local --methods lora,mtl,rlora,align --seeds 2 --sets SET --tune trainer.learning_rate=3e-4,1e-3,3e-3
---tune-steps 100 --out outputs/suite eval.max_examples_per_task=150`` run from the repository root.
+--tune-steps 200 --out outputs/suite eval.max_examples_per_task=150`` run from the repository root.
 
-The grid is long on two cores (a tuning cell ~7 min, a verdict cell ~13.5 min: ~2.8 h a set, ~8.5 h in all),
+The grid is long on two cores (a tuning cell ~11.5 min, a verdict cell ~13.5 min: ~4.1 h a set, ~12 h in all),
 so it runs in pieces: ``--sets`` trains only those sets' cells; every finished cell's record is copied to
 ``benchmarks/results/suite_cells/`` (the work folder's layout; also when the run fails or is stopped) and copied
 back into the work folder before anything trains, so a fresh clone skips every committed cell (a cell's key is
@@ -25,9 +25,11 @@ in benchmarks/results (``suite_quick.*`` with ``--quick``).
 
 ``--sync``: train nothing; copy the finished cells of the work folder to the results folder (a run of this
 script or of the equivalent ``rlora compare`` command in progress keeps going) and print the progress.
-``--rank-check [--rank-values V,V]``: does tuning at 100 steps pick what tuning at the verdict's 200 steps
-would? Trains the ``--sets``' tuning cells again at 200 steps (the 100-step ones too, where missing) and writes
-``suite_rank_check.{md,json}``: per set and method, both scores per value, both picks, whether they agree.
+``--rank-check [--rank-steps N] [--rank-values V,V]``: would tuning at N (default 100) steps pick what the
+suite's 200-step tuning picks? Trains the ``--sets``' tuning cells of those values again at N steps in
+``<set>/tune_<N>/`` (the suite's own ones too, where missing) and writes ``suite_rank_check.{md,json}``: per set
+and method, both scores per value, both picks, whether they agree. (On ``bigbench_default`` 100 steps did not
+always pick what 200 picked, so the suite tunes at 200.)
 ``--quick``: 2 steps, 4 dev and 4 validation rows a task, two methods and two learning rates (minutes; its
 accuracies mean nothing).
 """
@@ -49,7 +51,7 @@ CONFIG = REPO / "examples" / "configs" / "compare_cpu.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 SETS = ["mtl_cpu6", "bigbench_default", "mtl_gpu12_rest"]
 FULL = {"methods": ["lora", "mtl", "rlora", "align"], "tune": ["trainer.learning_rate=3e-4,1e-3,3e-3"],
-        "tune_steps": 100, "val_rows": 100, "seeds": 2, "overrides": ["eval.max_examples_per_task=150"]}
+        "tune_steps": 200, "val_rows": 100, "seeds": 2, "overrides": ["eval.max_examples_per_task=150"]}
 QUICK = {"methods": ["lora", "align"], "tune": ["trainer.learning_rate=1e-3,3e-3"], "tune_steps": 2, "val_rows": 4,
          "seeds": 2, "overrides": ["trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1",
                                    "eval.max_examples_per_task=4", "diagnostics.every_n_steps=2"]}
@@ -129,27 +131,27 @@ def write_report(work: Path, out: Path, tag: str, spec: dict, wall: dict) -> Non
 
 
 def agreement(short: dict, full: dict) -> dict:
-    """One arm's tuning at the suite's steps (``short``) against tuning at the verdict's steps (``full``), both
-    :func:`~rlora.compare.tune.tune_arms` entries: the scores of the candidates ``full`` trained, each side's
-    pick among them (a tie to the one listed first, as in tuning), whether the picks agree and whether the
-    candidates rank in the same order."""
-    labels = list(full["scores"])
+    """One arm's tuning at fewer steps (``short``) against the suite's tuning (``full``), both
+    :func:`~rlora.compare.tune.tune_arms` entries: the scores of the candidates both trained, each side's pick
+    among them (a tie to the one listed first, as in tuning), whether the picks agree and whether the candidates
+    rank in the same order."""
+    labels = [lb for lb in full["scores"] if lb in short["scores"]]
     s = {lb: short["scores"][lb] for lb in labels}
-    f = full["scores"]
+    f = {lb: full["scores"][lb] for lb in labels}
 
     def order(scores: dict) -> list[str]:
         return sorted(labels, key=lambda lb: (-scores[lb], labels.index(lb)))
 
     return {"method": full["method"], "scores_short": s, "scores_full": f, "pick_short": order(s)[0],
-            "pick_full": order(f)[0], "suite_pick": short["picked"], "same_pick": order(s)[0] == order(f)[0],
-            "same_order": order(s) == order(f)}
+            "pick_full": order(f)[0], "same_pick": order(s)[0] == order(f)[0], "same_order": order(s) == order(f)}
 
 
-def rank_check(cfg, spec: dict, work: Path, sets: list[str], values: Optional[list[str]]) -> dict:
-    """Does tuning at the suite's ``tune_steps`` pick what tuning at the verdict's own steps would? Per set and
-    method, the tuning cells are trained again at ``trainer.max_steps`` (same seed, carved rows, validation
-    rows) for ``values`` of the tuned key (default all) in ``<work>/<set>/tune_<steps>/``, and both sides'
-    picks among those values are compared (:func:`agreement`). Returns ``{set: [agreement per method]}``."""
+def rank_check(cfg, spec: dict, work: Path, sets: list[str], values: Optional[list[str]], steps: int) -> dict:
+    """Would tuning at ``steps`` steps pick what the suite's tuning (at the verdict's steps) picks? Per set and
+    method, the tuning cells of ``values`` of the tuned key (default all) are trained at ``steps`` steps (same
+    seed, carved rows, validation rows) in ``<work>/<set>/tune_<steps>/``, beside the suite's own tuning cells
+    (``<work>/<set>/tune/``, trained where missing), and both sides' picks among those values are compared
+    (:func:`agreement`). Returns ``{set: [agreement per method]}``."""
     from rlora.compare.suite import Suite
     from rlora.compare.tune import parse_tune
     from rlora.config import ConfigError
@@ -157,36 +159,34 @@ def rank_check(cfg, spec: dict, work: Path, sets: list[str], values: Optional[li
     try:
         tune = parse_tune(spec["tune"], cfg)
         key = tune[0][0]
-        checked = parse_tune([f"{key}={','.join(values)}"], cfg) if values else tune
-        if not set(checked[0][1]) <= set(tune[0][1]):
-            raise ConfigError(f"--rank-values {','.join(values or [])}: use values the suite tunes, "
-                              f"{','.join(tune[0][1])}")
+        if values and not set(values) <= set(tune[0][1]):
+            raise ConfigError(f"--rank-values {','.join(values)}: use values the suite tunes, {','.join(tune[0][1])}")
+        # in the suite's order, so a tie goes to the same value as in the suite's tuning
+        checked = [(key, [v for v in tune[0][1] if not values or v in values])]
         arms = [(m, "proportional") for m in spec["methods"]]
         suite = Suite(cfg, arms, spec["seeds"], "lora", "ab", work, sets=sets, tune=tune,
                       tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True)
-        steps = cfg.trainer.max_steps
         out = {}
         for name, folder in suite._folders().items():
             _, tcfg = suite.tuning_configs(name, folder)
-            short = suite.tuned(name, tcfg, tune, spec["tune_steps"], "tune")
-            full = suite.tuned(name, tcfg, checked, steps, f"tune_{steps}")
+            full = suite.tuned(name, tcfg, checked, spec["tune_steps"], "tune")
+            short = suite.tuned(name, tcfg, checked, steps, f"tune_{steps}")
             out[name] = [agreement(a, b) for a, b in zip(short, full)]
         return out
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def write_rank_check(result: dict, spec: dict, steps: int, out: Path, tag: str) -> dict:
+def write_rank_check(result: dict, short: int, full: int, val_rows: int, out: Path, tag: str) -> dict:
     """``<tag>_rank_check.{md,json}``; returns the figures (picks and orders that agree, of how many)."""
-    short = spec["tune_steps"]
-    lines = [f"# Tuning at {short} steps against tuning at {steps} steps\n\n",
+    labels = list(next(iter(result.values()))[0]["scores_full"])
+    lines = [f"# Tuning at {short} steps against the suite's tuning at {full} steps\n\n",
              f"Validation macro mean (%) per candidate, one tuning cell each (seed trainer.seed + 1000, "
-             f"{spec['val_rows']} validation rows a task carved from the training rows); each side's pick among "
-             f"the checked values. The suite tunes at {short} steps and trains its verdict cells for {steps}.\n\n",
-             f"| set | method | " + " | ".join(f"{lb.split('=', 1)[1]} @{short} / @{steps}"
-                                             for lb in next(iter(result.values()))[0]["scores_full"])
-             + f" | pick @{short} | pick @{steps} | same pick | same order |\n",
-             "|---|---|" + "---|" * (len(next(iter(result.values()))[0]["scores_full"]) + 4) + "\n"]
+             f"{val_rows} validation rows a task carved from the training rows); each side's pick among the "
+             f"checked values. The suite tunes at {full} steps, the steps of its verdict cells.\n\n",
+             "| set | method | " + " | ".join(f"{lb.split('=', 1)[1]} @{short} / @{full}" for lb in labels)
+             + f" | pick @{short} | pick @{full} | same pick | same order |\n",
+             "|---|---|" + "---|" * (len(labels) + 4) + "\n"]
     for name, rows in result.items():
         for r in rows:
             cells = " | ".join(f"{100 * r['scores_short'][lb]:.1f} / {100 * r['scores_full'][lb]:.1f}"
@@ -198,7 +198,7 @@ def write_rank_check(result: dict, spec: dict, steps: int, out: Path, tag: str) 
     n_pick, n_order = sum(r["same_pick"] for r in rows), sum(r["same_order"] for r in rows)
     lines.append(f"\nSame pick: {n_pick} of {len(rows)}; same order: {n_order} of {len(rows)}.\n")
     (out / f"{tag}_rank_check.md").write_text("".join(lines))
-    (out / f"{tag}_rank_check.json").write_text(json.dumps({"short_steps": short, "full_steps": steps,
+    (out / f"{tag}_rank_check.json").write_text(json.dumps({"short_steps": short, "full_steps": full,
                                                             "sets": result}, indent=1))
     return {"same_pick": {"value": n_pick / len(rows), "spread": 0, "target": "info", "unit": "fraction",
                           "of": len(rows)},
@@ -216,7 +216,9 @@ def arguments(argv: Optional[list[str]]):
     ap.add_argument("--out", default=str(RESULTS), help="report and cells folder (default benchmarks/results)")
     ap.add_argument("--sync", action="store_true", help="train nothing: copy finished cells, print progress")
     ap.add_argument("--rank-check", action="store_true",
-                    help="train the tuning cells again at the verdict's steps and report whether the picks agree")
+                    help="train the tuning cells again at --rank-steps and report whether the picks agree")
+    ap.add_argument("--rank-steps", type=positive_int,
+                    help="with --rank-check: the steps of the cells checked against the suite's tuning (default 100)")
     ap.add_argument("--rank-values", help="with --rank-check: only these values of the tuned key (default all)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args(argv)
@@ -224,8 +226,10 @@ def arguments(argv: Optional[list[str]]):
     if not names or any(s not in SETS for s in names):
         raise SystemExit(f"error: --sets {args.sets}: give a comma-separated list of the suite's sets, {','.join(SETS)}")
     args.sets = [s for s in SETS if s in names]
-    if args.rank_values is not None and not args.rank_check:
-        raise SystemExit("error: --rank-values only applies with --rank-check: add --rank-check or drop it")
+    for flag, value in (("--rank-values", args.rank_values), ("--rank-steps", args.rank_steps)):
+        if value is not None and not args.rank_check:
+            raise SystemExit(f"error: {flag} only applies with --rank-check: add --rank-check or drop it")
+    args.rank_steps = args.rank_steps or 100
     if args.rank_check and args.sync:
         raise SystemExit("error: --rank-check trains cells and --sync trains nothing: use one of them")
     args.rank_values = [v.strip() for v in args.rank_values.split(",") if v.strip()] if args.rank_values else None
@@ -273,13 +277,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result: dict = {}
     try:
         if args.rank_check:
-            checked = rank_check(cfg, spec, work, args.sets, args.rank_values)
+            checked = rank_check(cfg, spec, work, args.sets, args.rank_values, args.rank_steps)
         elif not args.sync:
             result = run_sets(cfg, spec, work, args.sets)
     finally:
         print(f"[suite] {copy_cells(work, store)} finished cells copied to {store}", flush=True)
     if args.rank_check:
-        figs = write_rank_check(checked, spec, cfg.trainer.max_steps, out, tag)
+        figs = write_rank_check(checked, args.rank_steps, spec["tune_steps"] or cfg.trainer.max_steps,
+                                spec["val_rows"], out, tag)
         print((out / f"{tag}_rank_check.md").read_text(), flush=True)
         emit(f"{tag}_rank_check", figs, args.json)
         return checked

@@ -116,32 +116,32 @@ def test_seeds_below_one_are_refused(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
 
 
-def test_agreement_compares_picks_and_orders_over_the_checked_values_only():
+def test_agreement_compares_picks_and_orders_over_the_values_both_sides_trained():
     suite = load_suite()
     lr = "trainer.learning_rate="
-    short = {"method": "lora", "picked": lr + "3e-4",
-             "scores": {lr + "3e-4": 0.60, lr + "1e-3": 0.50, lr + "3e-3": 0.55}}
-    full = {"method": "lora", "picked": lr + "3e-3", "scores": {lr + "1e-3": 0.40, lr + "3e-3": 0.45}}
+    full = {"method": "lora", "picked": lr + "3e-4",
+            "scores": {lr + "3e-4": 0.60, lr + "1e-3": 0.50, lr + "3e-3": 0.55}}
+    short = {"method": "lora", "scores": {lr + "1e-3": 0.40, lr + "3e-3": 0.45}}
     a = suite.agreement(short, full)
-    # 3e-4 was not re-trained: the short side's pick among the checked values is 3e-3, as the full side's
-    assert a["scores_short"] == {lr + "1e-3": 0.50, lr + "3e-3": 0.55} and a["suite_pick"] == lr + "3e-4"
+    # 3e-4 was not trained at the short steps: the full side's pick among the checked values is 3e-3
+    assert a["scores_full"] == {lr + "1e-3": 0.50, lr + "3e-3": 0.55}
     assert a["pick_short"] == a["pick_full"] == lr + "3e-3" and a["same_pick"] and a["same_order"]
-    flipped = suite.agreement(short, dict(full, scores={lr + "1e-3": 0.47, lr + "3e-3": 0.45}))
-    assert flipped["pick_full"] == lr + "1e-3" and not flipped["same_pick"] and not flipped["same_order"]
-    tied = suite.agreement(short, dict(full, scores={lr + "1e-3": 0.45, lr + "3e-3": 0.45}))
-    assert tied["pick_full"] == lr + "1e-3"  # a tie goes to the value listed first, as in tuning
+    flipped = suite.agreement(dict(short, scores={lr + "1e-3": 0.47, lr + "3e-3": 0.45}), full)
+    assert flipped["pick_short"] == lr + "1e-3" and not flipped["same_pick"] and not flipped["same_order"]
+    tied = suite.agreement(dict(short, scores={lr + "1e-3": 0.45, lr + "3e-3": 0.45}), full)
+    assert tied["pick_short"] == lr + "1e-3"  # a tie goes to the value listed first, as in tuning
 
 
 @pytest.mark.slow
-def test_rank_check_retrains_tuning_cells_at_the_verdict_steps_and_reports_agreement(tiny_model_dir, data_root,
-                                                                                   tmp_path, capsys):
-    """--quick trains 2 steps everywhere, so the check's cells (tune_2/) repeat the tuning cells exactly: the
-    same scores, picks and orders on both sides; with 3 verdict steps the check trains tune_3/ cells."""
+def test_rank_check_trains_tuning_cells_at_fewer_steps_and_reports_agreement(tiny_model_dir, data_root, tmp_path,
+                                                                           capsys):
+    """--quick tunes at 2 steps, so a check at --rank-steps 2 repeats the suite's tuning cells exactly (tune_2/):
+    the same scores, picks and orders on both sides; --rank-steps 1 then trains tune_1/ cells only."""
     suite = load_suite()
     out, work = tmp_path / "results", tmp_path / "work"
     args = ["--quick", "--json", "--rank-check", "--sets", "mtl_cpu6", "--out", str(out), "--work", str(work),
             f"model.name_or_path={tiny_model_dir}", f"data.path={data_root / 'mtl_cpu6'}", "mlflow.enabled=false"]
-    result = suite.main(args)
+    result = suite.main(args + ["--rank-steps", "2"])
     rows = result["mtl_cpu6"]
     assert [r["method"] for r in rows] == ["lora", "align"]
     assert all(r["scores_short"] == r["scores_full"] and r["same_pick"] and r["same_order"] for r in rows)
@@ -152,20 +152,22 @@ def test_rank_check_retrains_tuning_cells_at_the_verdict_steps_and_reports_agree
     assert json.loads(log.strip().splitlines()[-1])["figures"]["same_pick"]["value"] == 1.0
     assert "Same pick: 2 of 2" in (out / "suite_quick_rank_check.md").read_text()
 
-    again = suite.main(args + ["trainer.max_steps=3", "--rank-values", "3e-3,1e-3"])
-    assert all(list(r["scores_full"]) == ["trainer.learning_rate=3e-3", "trainer.learning_rate=1e-3"]
+    again = suite.main(args + ["--rank-steps", "1", "--rank-values", "3e-3,1e-3"])
+    assert all(list(r["scores_short"]) == ["trainer.learning_rate=1e-3", "trainer.learning_rate=3e-3"]
                for r in again["mtl_cpu6"])
-    assert capsys.readouterr().out.count("finished earlier: skipped") == 4  # the 2-step tuning cells
-    assert len(list((work / "mtl_cpu6" / "tune_3").glob("*/cells/*.json"))) == 4
+    assert capsys.readouterr().out.count("finished earlier: skipped") == 4  # the suite's tuning cells
+    assert len(list((work / "mtl_cpu6" / "tune_1").glob("*/cells/*.json"))) == 4
     record = json.loads((out / "suite_quick_rank_check.json").read_text())
-    assert (record["short_steps"], record["full_steps"]) == (2, 3)
+    assert (record["short_steps"], record["full_steps"]) == (1, 2)
 
 
 @pytest.mark.parametrize("argv, match", [(["--rank-values", "1e-3"], "--rank-values"),
+                                         (["--rank-steps", "50"], "--rank-steps"),
                                          (["--rank-check", "--sync"], "--sync"),
-                                         (["--rank-check", "--rank-values", "1e-3"], "at least two")])
+                                         (["--rank-check", "--rank-values", "1e-3"], "at least two"),
+                                         (["--rank-check", "--rank-values", "1e-4,1e-3"], "values the suite tunes")])
 def test_rank_check_flags_are_checked(tmp_path, argv, match):
     suite = load_suite()
     with pytest.raises(SystemExit) as err:
-        suite.main(argv + ["--work", str(tmp_path)])
+        suite.main(argv + ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert match in str(err.value) and "\n" not in str(err.value)
