@@ -167,7 +167,7 @@ def rank_check(cfg, spec: dict, work: Path, sets: list[str], values: Optional[li
         suite = Suite(cfg, arms, spec["seeds"], "lora", "ab", work, sets=sets, tune=tune,
                       tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True)
         out = {}
-        for name, folder in suite._folders().items():
+        for name, folder in suite.folders().items():
             _, tcfg = suite.tuning_configs(name, folder)
             full = suite.tuned(name, tcfg, checked, spec["tune_steps"], "tune")
             short = suite.tuned(name, tcfg, checked, steps, f"tune_{steps}")

@@ -51,7 +51,7 @@ class Suite:
         self.out, self.sets, self.tune, self.tune_steps, self.val_rows = out, sets, list(tune), tune_steps, val_rows
         self.local, self.n_boot, self.verbose, self.score = local, n_boot, verbose, score
 
-    def _folders(self) -> dict[str, Path]:
+    def folders(self) -> dict[str, Path]:
         if not self.sets:
             if not self.cfg.data.path:
                 raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task, "
@@ -66,7 +66,7 @@ class Suite:
     def run(self) -> dict:
         """Every set's report, then (several sets) the pooled one. Returns ``{"sets": {name: summary},
         "pooled": pooled summary or None}``."""
-        folders = self._folders()
+        folders = self.folders()
         summaries, cells = {}, {}
         for k, (name, folder) in enumerate(folders.items()):
             if len(folders) > 1:
