@@ -78,9 +78,15 @@ def copy_cells(src: Path, dst: Path) -> int:
 
 
 def progress(work: Path, sets: list[str], spec: dict) -> dict:
-    """Per set: tuning and verdict cells of the suite's methods finished (of how many planned), and the wall
-    time of those cells in hours. Verdict cells count once per (method, seed) of the planned seeds."""
-    n_values = len(spec["tune"][0].split("=", 1)[1].split(","))
+    """Per set: tuning and verdict cells of the suite's methods finished (of how many planned), each method's
+    pick once its tuning cells are all in (the highest validation macro mean, a tie to the value listed first,
+    as in :func:`rlora.compare.tune.pick`), and the wall time of those cells in hours. A verdict cell counts
+    once per (method, seed) of the planned seeds, and only when trained with its method's pick (a cell of a
+    superseded pick, or of a method still tuning, is not counted)."""
+    from rlora.compare.tune import candidates, folder_name, label, pick
+
+    key, text = spec["tune"][0].split("=", 1)
+    cands = candidates([(key, text.split(","))])
     seeds = set(range(spec["seed"], spec["seed"] + spec["seeds"]))
     out = {}
     for name in sets:
@@ -88,9 +94,17 @@ def progress(work: Path, sets: list[str], spec: dict) -> dict:
         recs = {rel: json.loads((folder / rel).read_text()) for rel in cell_files(folder)} if folder.is_dir() else {}
         mine = {rel: r for rel, r in recs.items() if r["method"] in spec["methods"]}
         tune = [rel for rel in mine if rel.parts[0] == "tune"]
-        verdict = {(r["method"], r["seed"]): rel for rel, r in mine.items() if rel.parts[0] != "tune" and r["seed"] in seeds}
+        picks = {}
+        for m in spec["methods"]:
+            scores = {label(c): mine[rel]["accuracy"] for c in cands for rel in tune
+                      if rel.parts[1] == folder_name(c) and mine[rel]["method"] == m}
+            if len(scores) == len(cands):
+                picks[m] = pick({lb: sum(acc.values()) / len(acc) for lb, acc in scores.items()})
+        verdict = {(r["method"], r["seed"]): rel for rel, r in mine.items() if rel.parts[0] != "tune"
+                   and r["seed"] in seeds and r["method"] in picks and label(r["overrides"]) == picks[r["method"]]}
         hours = sum(mine[rel]["wall_s"] for rel in [*tune, *verdict.values()]) / 3600
-        out[name] = {"tuning_cells": f"{len(tune)}/{len(spec['methods']) * n_values}",
+        out[name] = {"tuning_cells": f"{len(tune)}/{len(spec['methods']) * len(cands)}",
+                     "picks": {m: lb.split("=", 1)[1] for m, lb in picks.items()},
                      "verdict_cells": f"{len(verdict)}/{len(spec['methods']) * spec['seeds']}",
                      "cell_hours": round(hours, 2)}
     return out
@@ -291,7 +305,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     wall = progress(work, SETS, spec)
     for s, p in wall.items():
         print(f"[suite] {s}: tuning {p['tuning_cells']}, verdict {p['verdict_cells']} cells, "
-              f"{p['cell_hours']} h of cell time", flush=True)
+              f"{p['cell_hours']} h of cell time; picks "
+              + (", ".join(f"{m} {v}" for m, v in p["picks"].items()) or "none yet"), flush=True)
     if result.get("pooled") and args.sets == SETS:
         write_report(work, out, tag, spec, wall)
         print(f"[suite] report: {out / (tag + '.md')}", flush=True)

@@ -81,23 +81,35 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
 
 def test_sync_copies_finished_cells_counts_the_planned_ones_and_trains_nothing(tmp_path, capsys):
     """--sync copies every record; the progress counts the suite's methods, and verdict cells of the planned
-    seeds only (--seeds 3 plans seeds 42..44)."""
+    seeds (--seeds 3 plans seeds 42..44) trained with their method's pick only: LoRA's tuning is complete and
+    picks 3e-3 (the 1e-3 cell of seed 42 is superseded); MTL-LoRA's is not, so its cell is not counted yet."""
     suite = load_suite()
     work = tmp_path / "work"
-    cells = {"tune/trainer.learning_rate=1e-3/cells/k1.json": {"method": "lora", "seed": 1042, "wall_s": 1800.0},
-             "cells/k2.json": {"method": "lora", "seed": 42, "wall_s": 3600.0},
-             "cells/k3.json": {"method": "lora", "seed": 44, "wall_s": 3600.0},   # a third seed
-             "cells/k4.json": {"method": "hydra", "seed": 42, "wall_s": 3600.0}}  # not a suite method
+    lr = "trainer.learning_rate"
+    tune = {v: {"method": "lora", "seed": 1042, "wall_s": 600.0, "accuracy": {"a": acc, "b": 0.5}}
+            for v, acc in [("3e-4", 0.4), ("1e-3", 0.5), ("3e-3", 0.6)]}
+    cells = {**{f"tune/{lr}={v}/cells/t{v}.json": rec for v, rec in tune.items()},
+             f"tune/{lr}=1e-3/cells/m1.json": {"method": "mtl", "seed": 1042, "wall_s": 600.0, "accuracy": {"a": 0.9}},
+             "cells/k1.json": {"method": "lora", "seed": 42, "wall_s": 3600.0, "overrides": [f"{lr}=1e-3"]},
+             "cells/k2.json": {"method": "lora", "seed": 42, "wall_s": 3600.0, "overrides": [f"{lr}=3e-3"]},
+             "cells/k3.json": {"method": "lora", "seed": 44, "wall_s": 3600.0, "overrides": [f"{lr}=3e-3"]},
+             "cells/k4.json": {"method": "mtl", "seed": 42, "wall_s": 3600.0, "overrides": [f"{lr}=1e-3"]},
+             "cells/k5.json": {"method": "hydra", "seed": 42, "wall_s": 3600.0, "overrides": []}}  # not a suite method
     for rel, rec in cells.items():
         (work / "mtl_cpu6" / rel).parent.mkdir(parents=True, exist_ok=True)
         (work / "mtl_cpu6" / rel).write_text(json.dumps(rec))
     suite.main(["--sync", "--work", str(work), "--out", str(tmp_path / "results")])
     assert suite.cell_files(tmp_path / "results" / "suite_cells") == suite.cell_files(work)
     log = capsys.readouterr().out
-    assert "mtl_cpu6: tuning 1/12, verdict 1/8 cells, 1.5 h of cell time" in log
-    assert "bigbench_default: tuning 0/12, verdict 0/8 cells" in log
+    assert "mtl_cpu6: tuning 4/12, verdict 1/8 cells, 1.67 h of cell time; picks lora 3e-3" in log
+    assert "bigbench_default: tuning 0/12, verdict 0/8 cells, 0.0 h of cell time; picks none yet" in log
     suite.main(["--sync", "--seeds", "3", "--work", str(work), "--out", str(tmp_path / "results")])
-    assert "mtl_cpu6: tuning 1/12, verdict 2/12 cells, 2.5 h of cell time" in capsys.readouterr().out
+    assert "mtl_cpu6: tuning 4/12, verdict 2/12 cells, 2.67 h of cell time; picks lora 3e-3" in capsys.readouterr().out
+    # a tie goes to the value listed first (3e-4 < 1e-3 < 3e-3 in the suite's order)
+    tune["3e-4"]["accuracy"]["a"] = 0.6
+    (work / "mtl_cpu6" / f"tune/{lr}=3e-4/cells/t3e-4.json").write_text(json.dumps(tune["3e-4"]))
+    suite.main(["--sync", "--work", str(work), "--out", str(tmp_path / "results")])
+    assert "mtl_cpu6: tuning 4/12, verdict 0/8 cells, 0.67 h of cell time; picks lora 3e-4" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [(["--sets", "mtl_cpu6,nope"], "--sets"), (["--sets", ","], "--sets"),
