@@ -17,7 +17,8 @@ The grid is long on two cores (a tuning cell ~11.5 min, a verdict cell ~13.5 min
 so it runs in pieces: ``--sets`` trains only those sets' cells; every finished cell's record is copied to
 ``benchmarks/results/suite_cells/`` (the work folder's layout; also when the run fails or is stopped) and copied
 back into the work folder before anything trains, so a fresh clone skips every committed cell (a cell's key is
-its config and its data's contents). When all three sets are done the report is written: ``suite.md``,
+its config and its data's contents). Each set's report is written as the set finishes (``suite_<set>.md``,
+``suite_<set>.json``, ``suite_forest_<set>.png``); when all three sets are done, the suite's: ``suite.md``,
 ``suite.json`` (with the settings and the cell time), ``suite_forest_<set>.png`` and ``suite_forest_pooled.png``
 in benchmarks/results (``suite_quick.*`` with ``--quick``).
 
@@ -122,6 +123,14 @@ def figures(result: dict) -> dict:
                                               "interval": [round(100 * r["lo"], 2), round(100 * r["hi"], 2)],
                                               "verdict": r["verdict"]}
     return out
+
+
+def write_set(work: Path, out: Path, tag: str, name: str) -> None:
+    """One finished set's report as it lands (before the other sets): ``<tag>_<set>.md``, ``<tag>_<set>.json``
+    and ``<tag>_forest_<set>.png``, copies of the set's ``compare.md``, ``compare.json`` and ``forest.png``."""
+    for src, dst in (("compare.md", f"{tag}_{name}.md"), ("compare.json", f"{tag}_{name}.json"),
+                     ("forest.png", f"{tag}_forest_{name}.png")):
+        shutil.copyfile(work / name / src, out / dst)
 
 
 def write_report(work: Path, out: Path, tag: str, spec: dict, wall: dict) -> None:
@@ -307,6 +316,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"[suite] {s}: tuning {p['tuning_cells']}, verdict {p['verdict_cells']} cells, "
               f"{p['cell_hours']} h of cell time; picks "
               + (", ".join(f"{m} {v}" for m, v in p["picks"].items()) or "none yet"), flush=True)
+    for s in result.get("sets") or {}:
+        write_set(work, out, tag, s)
+        print(f"[suite] {s}: report in {out / f'{tag}_{s}.md'}", flush=True)
     if result.get("pooled") and args.sets == SETS:
         write_report(work, out, tag, spec, wall)
         print(f"[suite] report: {out / (tag + '.md')}", flush=True)

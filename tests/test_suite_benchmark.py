@@ -46,6 +46,11 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
     first = suite.main(args + ["--work", str(work), "--sets", "bigbench_default"])
     assert list(first["sets"]) == ["bigbench_default"] and first["pooled"] is None
     assert len(suite.cell_files(out / "suite_quick_cells")) == 8 and not (out / "suite_quick.md").exists()
+    # the finished set's own report lands at once; the others' do not exist yet
+    assert (out / "suite_quick_bigbench_default.md").read_text() == (work / "bigbench_default" / "compare.md").read_text()
+    assert json.loads((out / "suite_quick_bigbench_default.json").read_text())["tuning"]["picks"]
+    assert (out / "suite_quick_forest_bigbench_default.png").stat().st_size > 5_000
+    assert not list(out.glob("suite_quick_mtl_cpu6*")) and not list(out.glob("suite_quick_forest_mtl_cpu6*"))
     assert "bigbench_default: tuning 4/4, verdict 4/4 cells" in capsys.readouterr().out
 
     result = suite.main(args + ["--work", str(work)])
