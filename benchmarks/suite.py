@@ -84,6 +84,7 @@ def progress(work: Path, sets: list[str], spec: dict) -> dict:
     as in :func:`rlora.compare.tune.pick`), and the wall time of those cells in hours. A verdict cell counts
     once per (method, seed) of the planned seeds, and only when trained with its method's pick (a cell of a
     superseded pick, or of a method still tuning, is not counted)."""
+    from rlora.compare.suite import tuning_seed
     from rlora.compare.tune import candidates, folder_name, label, pick
 
     key, text = spec["tune"][0].split("=", 1)
@@ -94,7 +95,8 @@ def progress(work: Path, sets: list[str], spec: dict) -> dict:
         folder = work / name
         recs = {rel: json.loads((folder / rel).read_text()) for rel in cell_files(folder)} if folder.is_dir() else {}
         mine = {rel: r for rel, r in recs.items() if r["method"] in spec["methods"]}
-        tune = [rel for rel in mine if rel.parts[0] == "tune"]
+        seed = tuning_seed(spec["seed"], spec["seeds"])
+        tune = [rel for rel in mine if rel.parts[0] == "tune" and mine[rel]["seed"] == seed]
         picks = {}
         for m in spec["methods"]:
             scores = {label(c): mine[rel]["accuracy"] for c in cands for rel in tune
@@ -230,8 +232,8 @@ def write_rank_check(result: dict, short: int, full: int, val_rows: int, out: Pa
 
 
 def arguments(argv: Optional[list[str]]):
-    """The parsed command line; the suite's sets in the suite's order (so a set's bootstrap seed does not
-    depend on how ``--sets`` lists it)."""
+    """The parsed command line; the suite's sets in the suite's order. (A set's bootstrap seed is
+    ``trainer.seed`` + its index in :data:`SETS` whichever ``--sets`` a run trains, so its report is the same.)"""
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--sets", help=f"train only these sets' cells (default all: {','.join(SETS)})")
     ap.add_argument("--seeds", type=positive_int, help="seeds per verdict cell (default 2)")
@@ -280,7 +282,8 @@ def run_sets(cfg, spec: dict, work: Path, sets: list[str]) -> dict:
     try:
         arms = [(m, "proportional") for m in spec["methods"]]
         return Suite(cfg, arms, spec["seeds"], "lora", "ab", work, sets=sets, tune=parse_tune(spec["tune"], cfg),
-                     tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True).run()
+                     tune_steps=spec["tune_steps"], val_rows=spec["val_rows"], local=True,
+                     set_index={s: SETS.index(s) for s in sets}).run()
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -51,6 +51,7 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
     assert json.loads((out / "suite_quick_bigbench_default.json").read_text())["tuning"]["picks"]
     assert (out / "suite_quick_forest_bigbench_default.png").stat().st_size > 5_000
     assert not list(out.glob("suite_quick_mtl_cpu6*")) and not list(out.glob("suite_quick_forest_mtl_cpu6*"))
+    alone = json.loads((out / "suite_quick_bigbench_default.json").read_text())
     assert "bigbench_default: tuning 4/4, verdict 4/4 cells" in capsys.readouterr().out
 
     result = suite.main(args + ["--work", str(work)])
@@ -65,6 +66,9 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
         assert [p["method"] for p in picks] == ["lora", "align"]
         assert all(p["picked"] in ("trainer.learning_rate=1e-3", "trainer.learning_rate=3e-3") for p in picks)
         assert (out / f"suite_quick_forest_{s}.png").stat().st_size > 5_000
+    # the set trained alone bootstrapped with its index in the suite (1): its report is the same as in the whole run
+    again_alone = json.loads((out / "suite_quick_bigbench_default.json").read_text())
+    assert again_alone["comparisons"] == alone["comparisons"] and alone["rng_seed"] == 42 + 1
     text = (out / "suite_quick.md").read_text()
     assert all(f"## {s}" in text for s in suite.SETS) and "## Pooled over the sets" in text
     record = json.loads((out / "suite_quick.json").read_text())

@@ -105,6 +105,15 @@ def carve_validation(source: Path, out: Path, rows: int, seed: int) -> Path:
     Every task is checked before anything is written."""
     trains = {task.name: _lines(task / "train.jsonl") for task in task_folders(source)}
     _check_val_rows(source, {t: len(rows_) for t, rows_ in trains.items()}, rows)
+    if out.is_dir():  # a folder carved earlier: it may only hold what this carve writes
+        want = {t.name: {"train.jsonl", "val.jsonl", *(f.name for f in [*t.glob("*.jsonl"), *t.glob("*.json")])}
+                for t in task_folders(source)}
+        stale = sorted(f"{t.name}/" if t.name not in want else f"{t.name}/{f.name}" for t in task_folders(out)
+                       for f in ([t] if t.name not in want else [*t.glob("*.jsonl"), *t.glob("*.json")])
+                       if t.name not in want or f.name not in want[t.name])
+        if stale:
+            raise ConfigError(f"{out} holds {stale} that a carve of {source} does not write (an older carve of "
+                              f"other data): remove {out}")
     for task in task_folders(source):
         train = trains[task.name]
         val = set(_draw(len(train), rows, [seed, zlib.crc32(task.name.encode())]).tolist())
@@ -166,11 +175,11 @@ def resolve_sets(names: list[str], data_root: Optional[Path], work: Path,
     Every name is checked (:func:`check_sets`, with ``val_rows`` when given) before anything is built."""
     out: dict[str, Path] = {}
     for key, name in check_sets(names, data_root, val_rows).items():
-        if name in DERIVED:
+        if Path(name).is_dir():  # the order of check_sets: an existing folder first, then a derived set
+            out[key] = Path(name).resolve()
+        elif name in DERIVED:
             source, like = DERIVED[name]
             out[key] = build_subset(data_root / source, data_root / like, work / name)
-        elif Path(name).is_dir():
-            out[key] = Path(name).resolve()
         else:
             out[key] = (data_root / name).resolve()
     return out

@@ -148,14 +148,15 @@ def pooled_difference(per_set: Mapping[str, tuple[Sequence[Mapping], Sequence[Ma
 
 def pool_sets(cells_by_set: Mapping[str, Sequence[Mapping]], baseline_method: str,
               baseline_sampler: str = "proportional", weights: Weights = "sets", n_boot: int = 2000, seed: int = 0,
-              level: float = 0.95) -> dict:
+              level: float = 0.95, set_index: Optional[Mapping[str, int]] = None) -> dict:
     """Every method vs the baseline method (under each sampler), pooled over the sets of ``cells_by_set``.
 
     Returns ``{"sets", "methods", "samplers", "baseline", "weighting", "weights", "n_boot", "level", "rng_seed",
     "arms": [{"method", "sampler", "sets": {set: macro mean}, "mean": weighted mean}],
     "comparisons": [{"kind": "method", "label", "a", "b", "pooled": pooled_difference(...)}], "notes"}``.
     An arm pair is pooled only over sets where both arms have cells; pairs missing from some set are noted.
-    Set ``k`` of ``cells_by_set`` (its index among all the sets) bootstraps with seed ``seed + k`` in every
+    Set ``k`` of ``cells_by_set`` (its index among all the sets, or ``set_index[name]`` where given: a suite
+    run on some of its sets keeps each set's index in the whole suite) bootstraps with seed ``seed + k`` in every
     comparison, as in its own report.
     """
     check_bootstrap_args(n_boot, seed, level)
@@ -171,7 +172,7 @@ def pool_sets(cells_by_set: Mapping[str, Sequence[Mapping]], baseline_method: st
     if baseline_method not in methods:
         raise CompareError(f"baseline_method {baseline_method!r} has no cells (methods present: {methods})")
     comparisons, notes = [], []
-    index = {name: k for k, name in enumerate(cells_by_set)}
+    index = {name: (set_index[name] if set_index is not None else k) for k, name in enumerate(cells_by_set)}
     for sampler in samplers:
         base = (baseline_method, sampler)
         for method in methods:

@@ -41,21 +41,31 @@ def tuning_seed(seed: int, seeds: int) -> int:
 
 class Suite:
     """``sets``: ``--sets`` names (None: the config's data); ``tune``: parsed ``--tune`` specs (empty: none);
-    ``score``: a stand-in for the tuning cells' training and scoring (``set name, cfg -> Score``), for tests."""
+    ``score``: a stand-in for the tuning cells' training and scoring (``set name, cfg -> Score``), for tests;
+    ``set_index``: each set's ``k`` (its bootstrap seed ``trainer.seed + k``) when it is not the set's position in
+    ``sets`` -- a suite run on some of its sets passes each set's index in the whole suite, so a set's report
+    is the same whichever sets a run trains."""
 
     def __init__(self, cfg: RunConfig, arms: list[Arm], seeds: int, baseline: str, budget: str, out: Path,
                  sets: Optional[Sequence[str]] = None, tune: Sequence[tuple[str, list[str]]] = (),
                  tune_steps: Optional[int] = None, val_rows: int = 100, local: bool = False, n_boot: int = 2000,
-                 verbose: bool = False, score=None):
+                 verbose: bool = False, score=None, set_index: Optional[dict[str, int]] = None):
         self.cfg, self.arms, self.seeds, self.baseline, self.budget = cfg, arms, seeds, baseline, budget
         self.out, self.sets, self.tune, self.tune_steps, self.val_rows = out, sets, list(tune), tune_steps, val_rows
         self.local, self.n_boot, self.verbose, self.score = local, n_boot, verbose, score
+        self.set_index = set_index
 
     def folders(self) -> dict[str, Path]:
         if not self.sets:
             if not self.cfg.data.path:
                 raise ConfigError("data.path is not set: point it at a folder with one sub-folder per task, "
                                   "or use --sets")
+            own = next((t for t in self.cfg.data.tasks if t.path or t.hf_source), None)
+            if self.tune and own is not None:
+                raise ConfigError(f"data.tasks: task {own.name} has its own {'path' if own.path else 'hf_source'}, "
+                                  f"but --tune carves its validation rows from the task folders of data.path "
+                                  f"({self.cfg.data.path}) only: put the task's folder there and drop its "
+                                  f"{'path' if own.path else 'hf_source'}, or compare without --tune")
             return {"": Path(self.cfg.data.path)}
         if self.cfg.data.tasks:
             raise ConfigError("--sets replaces data.path, but the config lists data.tasks: remove data.tasks "
@@ -71,7 +81,7 @@ class Suite:
         for k, (name, folder) in enumerate(folders.items()):
             if len(folders) > 1:
                 print(f"[rlora] compare: data set {name} ({k + 1}/{len(folders)}): {folder}", flush=True)
-            summary, records = self._one_set(name, folder, k)
+            summary, records = self._one_set(name, folder, self.set_index[name] if self.set_index else k)
             summaries[name or folder.name], cells[name or folder.name] = summary, records
         pooled = self._pool(cells) if len(folders) > 1 else None
         return {"sets": summaries, "pooled": pooled}
@@ -125,7 +135,7 @@ class Suite:
 
         samplers = list(dict.fromkeys(s for _, s in self.arms))
         pooled = pool_sets(cells, self.baseline, "proportional" if "proportional" in samplers else samplers[0],
-                           n_boot=self.n_boot, seed=self.cfg.trainer.seed)
+                           n_boot=self.n_boot, seed=self.cfg.trainer.seed, set_index=self.set_index)
         text = pooled_markdown(pooled)
         (self.out / "pooled.md").write_text(text)
         _write_json(self.out / "pooled.json", to_json(pooled))

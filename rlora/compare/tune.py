@@ -3,7 +3,7 @@
 For one data set and each arm (method, sampler): every candidate setting (the values of one ``--tune``,
 or the product of several) trains one cell on the set's carved folder
 (:func:`~rlora.compare.datasets.carve_validation`: the training rows less ``val_rows`` per task), with
-seed ``trainer.seed + 1000`` (outside the verdict's seeds ``trainer.seed + 0 .. seeds - 1``, so the winning
+seed ``trainer.seed + 1000`` (:func:`~rlora.compare.suite.tuning_seed`: ``+ max(seeds, 1000)``; outside the verdict's seeds ``trainer.seed + 0 .. seeds - 1``, so the winning
 tuning run is not one of the verdict's own runs; fixed, so more ``--seeds`` later keep the picks) and ``steps`` optimizer steps (default: the config's), and is scored on
 the carved **validation** rows (``eval.split = val``, every row). The score is the macro mean of the
 per-task validation accuracies; the pick is the candidate with the highest score, a tie going to the
@@ -34,6 +34,12 @@ ORDER = {"trainer.max_steps": "the number of batches drawn", "trainer.num_train_
          "trainer.gradient_accumulation_steps": "the batch boundaries", "ray.num_workers": "each rank's batches",
          "data.max_train_examples_per_task": "the training rows", "sampler": "the task sampling"}
 
+# keys that set an arm's parameter count: the equal budget gives LoRA its rank from one config, so arms
+# picking different values would no longer be compared at equal budgets
+BUDGET = {"adapter.r": "the adapters' rank", "adapter.num_heads": "the number of heads",
+          "adapter.target_modules": "which modules are adapted", "adapter.diagonal": "MTL-LoRA's task parameters",
+          "model": "the base model"}
+
 Arm = tuple[str, str]
 Score = Callable[[list[str]], Mapping[Arm, float]]
 
@@ -59,6 +65,11 @@ def parse_tune(items: Sequence[str], cfg: RunConfig) -> list[tuple[str, list[str
             raise ConfigError(f"--tune {key}: {key} changes {order}, so arms picking different values would no "
                               "longer train on the same data order and could not be paired; tune another key "
                               "(e.g. trainer.learning_rate) or set it for all arms as an override")
+        budget = next((BUDGET[f] for f in BUDGET if key == f or key.startswith(f + ".")), None)
+        if budget is not None:
+            raise ConfigError(f"--tune {key}: {key} sets {budget}, so arms picking different values would no "
+                              "longer be compared at equal parameter budgets; tune another key (e.g. "
+                              "trainer.learning_rate) or set it for all arms as an override")
         if key in [k for k, _ in out]:
             raise ConfigError(f"--tune {key} is given twice: list all its values in one --tune")
         raw = cfg.model_dump(mode="json")

@@ -1,5 +1,6 @@
 """Data sets of a comparison (rlora/compare/datasets.py): the validation carve and the derived mtl_gpu12_rest."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,30 @@ def test_every_task_and_set_is_checked_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="task size of .* has 6 training rows: --val-rows 4"):
         resolve_sets([str(src)], None, tmp_path / "w", val_rows=4)
     assert resolve_sets([str(src)], None, tmp_path / "w", val_rows=3) == {"src": src.resolve()}
+
+
+def test_a_carved_folder_holding_other_data_is_refused_not_trained_on(tmp_path):
+    """A task (or file) left in the carved folder from an older carve of other data would be trained on and scored
+    as part of the set: the carve names it and the fix, and writes nothing."""
+    src = write_tasks(tmp_path / "src", n_train=20, n_dev=4)
+    out = carve_validation(src, tmp_path / "carved", rows=4, seed=0)
+    write_tasks(tmp_path / "old", n_train=20, n_dev=4)
+    (tmp_path / "old" / "sign").rename(out / "gone")
+    (out / "size" / "labels.json").write_text("{}")
+    before = (out / "parity" / "val.jsonl").read_bytes()
+    with pytest.raises(ConfigError) as err:
+        carve_validation(src, out, rows=5, seed=0)
+    assert str(err.value) == (f"{out} holds ['gone/', 'size/labels.json'] that a carve of {src} does not write "
+                              f"(an older carve of other data): remove {out}")
+    assert (out / "parity" / "val.jsonl").read_bytes() == before      # nothing rewritten
+    (out / "size" / "labels.json").unlink()
+    shutil.rmtree(out / "gone")
+    assert carve_validation(src, out, rows=4, seed=0) == out
+
+
+def test_a_folder_named_like_a_derived_set_is_used_as_a_folder_by_check_and_resolve(tmp_path, monkeypatch):
+    """check_sets and resolve_sets read a name in the same order: an existing folder first, then a derived set."""
+    monkeypatch.chdir(tmp_path)
+    write_tasks(tmp_path / "mtl_gpu12_rest", n_train=8, n_dev=4)
+    got = resolve_sets(["mtl_gpu12_rest"], tmp_path / "no_root", tmp_path / "w")
+    assert got == {"mtl_gpu12_rest": (tmp_path / "mtl_gpu12_rest").resolve()} and not (tmp_path / "w").exists()

@@ -79,6 +79,19 @@ def test_a_set_keeps_its_own_seed_when_an_earlier_set_lacks_an_arm():
     assert (hydra["diff"], hydra["lo"], hydra["hi"], hydra["rng_seed"]) == (own["diff"], own["lo"], own["hi"], 6)
 
 
+def test_set_index_keeps_a_set_s_seed_when_a_run_pools_only_some_sets():
+    """Pooling s0 and s2 of a three-set suite with set_index {s0: 0, s2: 2}: s2 bootstraps with seed + 2, as in
+    the whole suite's pooling (without set_index it would be seed + 1, another interval)."""
+    sets = {f"s{k}": grid({"lora": 0.5, "mtl": 0.53 + 0.01 * k}, samplers=("p",), seed=20 + k) for k in range(3)}
+    whole = pool_sets(sets, "lora", "p", n_boot=300, seed=9)["comparisons"][0]["pooled"]["sets"]["s2"]
+    some = {k: sets[k] for k in ("s0", "s2")}
+    kept = pool_sets(some, "lora", "p", n_boot=300, seed=9, set_index={"s0": 0, "s2": 2})
+    line = kept["comparisons"][0]["pooled"]["sets"]["s2"]
+    assert (line["lo"], line["hi"], line["rng_seed"]) == (whole["lo"], whole["hi"], 11)
+    moved = pool_sets(some, "lora", "p", n_boot=300, seed=9)["comparisons"][0]["pooled"]["sets"]["s2"]
+    assert moved["rng_seed"] == 10 and (moved["lo"], moved["hi"]) != (whole["lo"], whole["hi"])
+
+
 def test_pool_sets_with_weights_missing_a_set_is_a_one_line_error():
     sets = {f"s{k}": grid({"lora": 0.5, "mtl": 0.55}, samplers=("p",), seed=k) for k in range(2)}
     with pytest.raises(CompareError) as err:

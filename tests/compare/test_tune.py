@@ -1,4 +1,6 @@
 """Per-arm tuning (rlora/compare/tune.py): parsing --tune, the candidates, and the pick through the score seam."""
+from pathlib import Path
+
 import pytest
 
 from helpers import run_config
@@ -14,12 +16,13 @@ def cfg(tmp_path):
 
 
 def test_parse_and_candidates(cfg):
-    spec = parse_tune(["trainer.learning_rate=3e-4, 1e-3,3e-3", "adapter.r=4,8"], cfg)
-    assert spec == [("trainer.learning_rate", ["3e-4", "1e-3", "3e-3"]), ("adapter.r", ["4", "8"])]
+    spec = parse_tune(["trainer.learning_rate=3e-4, 1e-3,3e-3", "adapter.dropout=0.0,0.1"], cfg)
+    assert spec == [("trainer.learning_rate", ["3e-4", "1e-3", "3e-3"]), ("adapter.dropout", ["0.0", "0.1"])]
     cands = candidates(spec)
-    assert len(cands) == 6 and cands[0] == ["trainer.learning_rate=3e-4", "adapter.r=4"]
-    assert cands[1] == ["trainer.learning_rate=3e-4", "adapter.r=8"] and cands[-1][0] == "trainer.learning_rate=3e-3"
-    assert folder_name(cands[0]) == "trainer.learning_rate=3e-4,adapter.r=4"
+    assert len(cands) == 6 and cands[0] == ["trainer.learning_rate=3e-4", "adapter.dropout=0.0"]
+    assert cands[1] == ["trainer.learning_rate=3e-4", "adapter.dropout=0.1"]
+    assert cands[-1][0] == "trainer.learning_rate=3e-3"
+    assert folder_name(cands[0]) == "trainer.learning_rate=3e-4,adapter.dropout=0.0"
 
 
 @pytest.mark.parametrize("items, match", [
@@ -35,6 +38,11 @@ def test_parse_and_candidates(cfg):
     (["trainer.max_steps=10,20"], "--tune trainer.max_steps: trainer.max_steps changes the number of batches drawn"),
     (["trainer.per_device_train_batch_size=2,4"], "per_device_train_batch_size changes the batch boundaries"),
     (["trainer.gradient_accumulation_steps=1,2"], "gradient_accumulation_steps changes the batch boundaries"),
+    (["adapter.r=4,8"], "--tune adapter.r: adapter.r sets the adapters' rank, so arms picking different values "
+                        "would no longer be compared at equal parameter budgets"),
+    (["adapter.num_heads=2,4"], "adapter.num_heads sets the number of heads"),
+    (["adapter.target_modules=[q_proj],[v_proj]"], "adapter.target_modules sets which modules are adapted"),
+    (["model.name_or_path=a,b"], "model.name_or_path sets the base model"),
     (["sampler.temperature=1,2"], "--tune sampler.temperature: sampler.temperature changes the task sampling, so "
                                   "arms picking different values would no longer train on the same data order"),
 ])
@@ -164,3 +172,21 @@ def test_a_tuning_candidate_s_mlflow_parent_run_ends_finished(tiny_model_dir, tm
     runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()],
                                          filter_string="tags.`rlora.compare` = 'tune-trainer.learning_rate=1e-3'")
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+@pytest.mark.parametrize("field", ["path", "hf_source"])
+def test_tuning_refuses_a_task_outside_data_path_whose_rows_it_cannot_carve(cfg, tmp_path, field):
+    """--tune carves the validation rows from data.path's task folders: a task with its own path or hf_source
+    would train on all its rows (and have no validation split), so the comparison is refused before any cell."""
+    from rlora.compare.suite import Suite
+    from rlora.config import TaskSpec
+
+    cfg.data.tasks = [TaskSpec(name="parity"), TaskSpec(name="mine", **{field: str(tmp_path / "elsewhere")})]
+    suite = Suite(cfg, ARMS, 1, "lora", "ab", tmp_path / "cmp", tune=[("trainer.learning_rate", ["1e-3", "3e-3"])])
+    with pytest.raises(ConfigError) as err:
+        suite.folders()
+    assert str(err.value) == (f"data.tasks: task mine has its own {field}, but --tune carves its validation rows "
+                              f"from the task folders of data.path ({cfg.data.path}) only: put the task's folder "
+                              f"there and drop its {field}, or compare without --tune")
+    assert not (tmp_path / "cmp").exists()
+    assert Suite(cfg, ARMS, 1, "lora", "ab", tmp_path / "cmp").folders() == {"": Path(cfg.data.path)}
