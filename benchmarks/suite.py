@@ -90,12 +90,12 @@ def progress(work: Path, sets: list[str], spec: dict) -> dict:
     key, text = spec["tune"][0].split("=", 1)
     cands = candidates([(key, text.split(","))])
     seeds = set(range(spec["seed"], spec["seed"] + spec["seeds"]))
+    seed = tuning_seed(spec["seed"], spec["seeds"])
     out = {}
     for name in sets:
         folder = work / name
         recs = {rel: json.loads((folder / rel).read_text()) for rel in cell_files(folder)} if folder.is_dir() else {}
         mine = {rel: r for rel, r in recs.items() if r["method"] in spec["methods"]}
-        seed = tuning_seed(spec["seed"], spec["seeds"])
         tune = [rel for rel in mine if rel.parts[0] == "tune" and mine[rel]["seed"] == seed]
         picks = {}
         for m in spec["methods"]:

@@ -100,20 +100,29 @@ def _check_val_rows(source: Path, train_rows: Mapping[str, int], rows: int) -> N
                               f"leave fewer than half to train on; lower --val-rows")
 
 
+def _stale_carve(source: Path, out: Path) -> list[str]:
+    """What a folder carved earlier at ``out`` holds that a carve of ``source`` would not write: task folders
+    (``"task/"``) and ``.jsonl`` / ``.json`` files (``"task/file"``), sorted."""
+    stale, tasks = [], {t.name for t in task_folders(source)}
+    for task in task_folders(out) if out.is_dir() else []:
+        if task.name not in tasks:
+            stale.append(f"{task.name}/")
+            continue
+        src = source / task.name
+        want = {"train.jsonl", "val.jsonl", *(f.name for f in [*src.glob("*.jsonl"), *src.glob("*.json")])}
+        stale += [f"{task.name}/{f.name}" for f in [*task.glob("*.jsonl"), *task.glob("*.json")] if f.name not in want]
+    return sorted(stale)
+
+
 def carve_validation(source: Path, out: Path, rows: int, seed: int) -> Path:
     """``out``: ``source`` with ``rows`` training rows per task moved to ``val.jsonl`` (module docstring).
     Every task is checked before anything is written."""
     trains = {task.name: _lines(task / "train.jsonl") for task in task_folders(source)}
     _check_val_rows(source, {t: len(rows_) for t, rows_ in trains.items()}, rows)
-    if out.is_dir():  # a folder carved earlier: it may only hold what this carve writes
-        want = {t.name: {"train.jsonl", "val.jsonl", *(f.name for f in [*t.glob("*.jsonl"), *t.glob("*.json")])}
-                for t in task_folders(source)}
-        stale = sorted(f"{t.name}/" if t.name not in want else f"{t.name}/{f.name}" for t in task_folders(out)
-                       for f in ([t] if t.name not in want else [*t.glob("*.jsonl"), *t.glob("*.json")])
-                       if t.name not in want or f.name not in want[t.name])
-        if stale:
-            raise ConfigError(f"{out} holds {stale} that a carve of {source} does not write (an older carve of "
-                              f"other data): remove {out}")
+    stale = _stale_carve(source, out)
+    if stale:
+        raise ConfigError(f"{out} holds {stale} that a carve of {source} does not write (an older carve of "
+                          f"other data): remove {out}")
     for task in task_folders(source):
         train = trains[task.name]
         val = set(_draw(len(train), rows, [seed, zlib.crc32(task.name.encode())]).tolist())

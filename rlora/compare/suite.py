@@ -62,10 +62,10 @@ class Suite:
                                   "or use --sets")
             own = next((t for t in self.cfg.data.tasks if t.path or t.hf_source), None)
             if self.tune and own is not None:
-                raise ConfigError(f"data.tasks: task {own.name} has its own {'path' if own.path else 'hf_source'}, "
-                                  f"but --tune carves its validation rows from the task folders of data.path "
-                                  f"({self.cfg.data.path}) only: put the task's folder there and drop its "
-                                  f"{'path' if own.path else 'hf_source'}, or compare without --tune")
+                field = "path" if own.path else "hf_source"
+                raise ConfigError(f"data.tasks: task {own.name} has its own {field}, but --tune carves its "
+                                  f"validation rows from the task folders of data.path ({self.cfg.data.path}) "
+                                  f"only: put the task's folder there and drop its {field}, or compare without --tune")
             return {"": Path(self.cfg.data.path)}
         if self.cfg.data.tasks:
             raise ConfigError("--sets replaces data.path, but the config lists data.tasks: remove data.tasks "

@@ -3,8 +3,10 @@
 For one data set and each arm (method, sampler): every candidate setting (the values of one ``--tune``,
 or the product of several) trains one cell on the set's carved folder
 (:func:`~rlora.compare.datasets.carve_validation`: the training rows less ``val_rows`` per task), with
-seed ``trainer.seed + 1000`` (:func:`~rlora.compare.suite.tuning_seed`: ``+ max(seeds, 1000)``; outside the verdict's seeds ``trainer.seed + 0 .. seeds - 1``, so the winning
-tuning run is not one of the verdict's own runs; fixed, so more ``--seeds`` later keep the picks) and ``steps`` optimizer steps (default: the config's), and is scored on
+seed ``trainer.seed + 1000`` (:func:`~rlora.compare.suite.tuning_seed`: ``+ max(seeds, 1000)``; outside the
+verdict's seeds ``trainer.seed + 0 .. seeds - 1``, so the winning tuning run is not one of the verdict's own
+runs; fixed, so more ``--seeds`` later keep the picks) and ``steps`` optimizer steps (default: the config's),
+and is scored on
 the carved **validation** rows (``eval.split = val``, every row). The score is the macro mean of the
 per-task validation accuracies; the pick is the candidate with the highest score, a tie going to the
 candidate listed first. The verdict's cells then train every seed with their arm's pick on the same
@@ -44,6 +46,11 @@ Arm = tuple[str, str]
 Score = Callable[[list[str]], Mapping[Arm, float]]
 
 
+def _under(key: str, table: Mapping[str, str]) -> Optional[str]:
+    """The reason ``table`` gives for ``key`` or a section above it (``sampler`` covers ``sampler.x``)."""
+    return next((why for k, why in table.items() if key == k or key.startswith(k + ".")), None)
+
+
 def parse_tune(items: Sequence[str], cfg: RunConfig) -> list[tuple[str, list[str]]]:
     """``["trainer.learning_rate=3e-4,1e-3"]`` -> ``[("trainer.learning_rate", ["3e-4", "1e-3"])]``, each value
     checked against the config (one-line :class:`~rlora.config.ConfigError` naming the flag and the fix)."""
@@ -60,12 +67,12 @@ def parse_tune(items: Sequence[str], cfg: RunConfig) -> list[tuple[str, list[str
         if any(key == f or key.startswith(f + ".") for f in FIXED):
             raise ConfigError(f"--tune {key}: {key} defines the comparison itself and cannot be tuned; "
                               "tune another key")
-        order = next((ORDER[f] for f in ORDER if key == f or key.startswith(f + ".")), None)
+        order = _under(key, ORDER)
         if order is not None:
             raise ConfigError(f"--tune {key}: {key} changes {order}, so arms picking different values would no "
                               "longer train on the same data order and could not be paired; tune another key "
                               "(e.g. trainer.learning_rate) or set it for all arms as an override")
-        budget = next((BUDGET[f] for f in BUDGET if key == f or key.startswith(f + ".")), None)
+        budget = _under(key, BUDGET)
         if budget is not None:
             raise ConfigError(f"--tune {key}: {key} sets {budget}, so arms picking different values would no "
                               "longer be compared at equal parameter budgets; tune another key (e.g. "

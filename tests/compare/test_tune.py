@@ -43,6 +43,7 @@ def test_parse_and_candidates(cfg):
     (["adapter.num_heads=2,4"], "adapter.num_heads sets the number of heads"),
     (["adapter.target_modules=[q_proj],[v_proj]"], "adapter.target_modules sets which modules are adapted"),
     (["model.name_or_path=a,b"], "model.name_or_path sets the base model"),
+    (["adapter.diagonal=true,false"], "adapter.diagonal sets MTL-LoRA's task parameters"),
     (["sampler.temperature=1,2"], "--tune sampler.temperature: sampler.temperature changes the task sampling, so "
                                   "arms picking different values would no longer train on the same data order"),
 ])
