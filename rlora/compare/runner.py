@@ -33,13 +33,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def cell_record(cell: Cell, summary: dict, wall_s: float, mlflow_run_id: Optional[str]) -> dict:
-    """What the report needs of a finished cell (:mod:`rlora.compare.cells`' format plus provenance)."""
+    """What the report needs of a finished cell (:mod:`rlora.compare.cells`' format plus provenance).
+    ``wall_s``: this invocation's seconds; a resumed cell adds those of the pieces before it (to the checkpoint
+    it resumed from), so a cell's wall time is its whole training, however often it was interrupted."""
     after = summary.get("results_after") or {}
     if not after or any("row_correct" not in r for r in after.values()):
         raise CompareError(f"cell {cell.label} has no per-row dev results: set eval.split to a split with rows")
     return {"method": cell.method, "sampler": cell.sampler, "seed": cell.seed, "key": cell.key,
             "run_name": cell.cfg.trainer.run_name, "mlflow_run_id": mlflow_run_id, "params": cell.params,
-            "rank": cell.cfg.adapter.r, "overrides": list(cell.overrides), "wall_s": wall_s,
+            "rank": cell.cfg.adapter.r, "overrides": list(cell.overrides),
+            "wall_s": wall_s + float(summary.get("wall_seconds_before") or 0.0),
             "correct": {t: r["row_correct"] for t, r in after.items()},
             "row_ids": {t: r["row_ids"] for t, r in after.items()},
             "accuracy": {t: r["accuracy"] for t, r in after.items()},

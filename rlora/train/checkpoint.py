@@ -6,7 +6,8 @@ Layout of one checkpoint directory (every rank writes its own files; Ray merges 
     ds/                          DeepSpeed tag "ds" (frozen base weights excluded)
     latest                       DeepSpeed's pointer file
     trainer_state.json           rank 0: global_step, sampler, mlflow_run_id, run_name, probe_plan
-                                 (the diagnostics rotation), train_seconds, complete=true
+                                 (the diagnostics rotation), train_seconds, wall_seconds
+                                 (both summed over resumes), complete=true
     rng/rank{r}.safetensors      per rank: torch CPU (and CUDA) RNG state
 """
 from __future__ import annotations

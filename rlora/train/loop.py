@@ -118,6 +118,7 @@ class Trainer:
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
         self.step = 0
         self.resumed_from: Optional[int] = None
+        self._wall_s_before = 0.0  # wall seconds of the invocations before a resume (to its checkpoint)
         self.results_before: Optional[dict] = None
         self.results_after: dict = {}
         self.eval_history: list[tuple[int, dict]] = []
@@ -216,6 +217,7 @@ class Trainer:
         self.data_order = state.get("data_order", "")
         self._plan_state = state.get("probe_plan")  # the diagnostics rotation goes on where it stopped
         self._train_s_before = float(state.get("train_seconds") or 0.0)
+        self._wall_s_before = float(state.get("wall_seconds") or 0.0)
         run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
         self._say(f"[rlora] resumed from {best} at step {self.step}/{self.total_steps}")
 
@@ -328,6 +330,11 @@ class Trainer:
         self._diag_s = time.time() - t0
         return None if diag.conflict is None else self._plan.merge(diag.conflict)
 
+    def _wall_s(self) -> float:
+        """Wall seconds of the run up to now, setup and side work included, summed over the invocations
+        before a resume (each counted up to the checkpoint this one resumed from: redone steps count once)."""
+        return time.time() - self.clock.start + self._wall_s_before
+
     def _train_s(self, total: bool = True) -> float:
         """Training seconds so far: the loop's wall time less side work, of this invocation
         (``total=False``) or plus those of the invocations before a resume (the probe budget's S,
@@ -409,7 +416,7 @@ class Trainer:
                 "results_before": self.results_before, "total_steps": self.total_steps,
                 "data_order": self.data_order,
                 "probe_plan": self._plan.state_dict() if hasattr(self, "_plan") else None,
-                "train_seconds": self._train_s()})
+                "train_seconds": self._train_s(), "wall_seconds": self._wall_s()})
             if write is not None:
                 write(Path(d))
             self.rt.report({"global_step": self.step, "loss": self.loss_hist[-1] if self.loss_hist else float("nan")},
@@ -431,7 +438,8 @@ class Trainer:
             "results_before": self.results_before, "results_after": self.results_after,
             "truncated": self.data.truncated, "time_to_first_step_s": self.clock.first_step_s,
             "train_tokens_per_s": train_tokens / max(train_s, 1e-9) if train_s else None,
-            "train_seconds": train_s, "train_loss": self.loss_hist,
+            "train_seconds": train_s, "wall_seconds_before": self._wall_s_before,
+            "train_loss": self.loss_hist,
             "train_loss_last": self.loss_hist[-1] if self.loss_hist else None,
             "mlflow_run_id": self.run.get("mlflow_run_id"), "resumed_from_step": self.resumed_from,
             "trainable_params": self.trainable, "sampler_state": self.data.sampler.state_dict(),

@@ -128,3 +128,19 @@ def test_valid_edge_values_are_accepted():
     out = check_cells([good(correct={"qa": [0, 1.0], "nli": [1]}, wall_s=0, seed=np.int64(4), params={})])
     assert out[0]["seed"] == 4 and type(out[0]["seed"]) is int
     assert out[0]["wall_s"] == 0.0 and out[0]["params"] == {}
+
+
+def test_a_resumed_cells_record_counts_the_pieces_before_it():
+    """``cell_record``'s wall time: this invocation's seconds plus, for a resumed run, the wall seconds its
+    checkpoint carried (the loop's ``wall_seconds_before``); a straight run's is its own time."""
+    from rlora.compare.grid import Cell
+    from rlora.compare.runner import cell_record
+    from rlora.config import RunConfig
+
+    c = Cell("lora", "proportional", 7, RunConfig(), "k", {"ab": 1, "total": 1})
+    after = {"qa": {"row_correct": [1, 0], "row_ids": ["a", "b"], "accuracy": 0.5}}
+    straight = cell_record(c, {"results_after": after, "wall_seconds_before": 0.0}, 30.0, None)
+    resumed = cell_record(c, {"results_after": after, "wall_seconds_before": 412.5, "resumed_from_step": 150},
+                          30.0, None)
+    assert straight["wall_s"] == 30.0 and resumed["wall_s"] == 442.5 and resumed["resumed_from_step"] == 150
+    assert cell_record(c, {"results_after": after}, 30.0, None)["wall_s"] == 30.0  # a summary from before the field

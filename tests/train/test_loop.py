@@ -1,6 +1,7 @@
 """The one training loop: the local path (this process, world size 1) and a one-worker Ray Train run do
 the same arithmetic, and the local path checkpoints and resumes like a worker (slow). The loop's knobs
 each do what they say (fast, in this process: evaluation, diagnostics, checkpoints, autocast, threads)."""
+import time
 from pathlib import Path
 
 import pytest
@@ -50,14 +51,19 @@ def test_local_run_checkpoints_and_resumes(tiny_model_dir, task_dir, tmp_path):
                   mlflow__enabled=False, ray__num_to_keep=1)
     straight = run_training(run_config(tiny_model_dir, task_dir, tmp_path / "a", trainer__max_steps=6,
                                        trainer__run_name="s", **common), local=True)
+    t0 = time.time()
     first = run_training(run_config(tiny_model_dir, task_dir, tmp_path / "b", trainer__max_steps=4,
                                     trainer__run_name="c", **common), local=True)
+    first_wall = time.time() - t0
     kept = sorted(p.name for p in (tmp_path / "b" / "ray_results" / "c").glob("checkpoint_*"))
     assert kept == ["checkpoint_000004"]  # ray.num_to_keep=1
     again = run_training(run_config(tiny_model_dir, task_dir, tmp_path / "b", trainer__max_steps=6,
                                     trainer__run_name="c", **common), local=True)
     assert first.summary["global_step"] == 4
     assert again.summary["resumed_from_step"] == 4 and again.summary["global_step"] == 6
+    # the first piece's wall time (setup to its last checkpoint) carries over: a resumed run knows its whole time
+    assert first.summary["wall_seconds_before"] == 0.0
+    assert 0.0 < again.summary["wall_seconds_before"] <= first_wall
     assert again.summary["train_loss"] == straight.summary["train_loss"][4:]
     assert max_diff(adapter(straight), adapter(again)) <= 1e-6
 
