@@ -127,6 +127,11 @@ def _tuning_table(tuning: Mapping) -> list[str]:
              _row(["method", "sampler", *labels, "pick"]), _row(["---", "---", *["---:"] * len(labels), "---"])]
     for p in picks:
         lines.append(_row([p["method"], p["sampler"], *[_pct(p["scores"][lb]) for lb in labels], p["picked"]]))
+    edges = [f"{p['method']}/{p['sampler']} the {side} {key} ({p['values'][key]})"
+             for p in picks for key, side in (p.get("edge") or {}).items()]
+    if edges:
+        lines += ["", f"**Picks at the edge of the range tried:** {'; '.join(edges)}. The best value may lie beyond "
+                      "it: widen the range to know whether these arms were tuned."]
     return lines
 
 

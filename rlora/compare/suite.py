@@ -99,7 +99,9 @@ class Suite:
                       "steps": self.tune_steps or cfg.trainer.max_steps, "data": cfg.data.path, "picks": picks}
             for p in picks:
                 print(f"[rlora] compare: tuned {p['method']}/{p['sampler']}: {p['picked']} (validation "
-                      + ", ".join(f"{lb} {100 * v:.1f}" for lb, v in p["scores"].items()) + ")", flush=True)
+                      + ", ".join(f"{lb} {100 * v:.1f}" for lb, v in p["scores"].items()) + ")"
+                      + "".join(f"; the {side} {key} tried: the best may lie beyond it" for key, side in p["edge"].items()),
+                      flush=True)
         comparison = Comparison(cfg, self.arms, self.seeds, self.baseline, self.budget, out, local=self.local,
                                 n_boot=self.n_boot, verbose=self.verbose, overrides=overrides,
                                 rng_seed=self.cfg.trainer.seed + k, tuning=tuning,

@@ -107,11 +107,27 @@ def pick(scores: Mapping[str, float]) -> str:
     return next(k for k, v in scores.items() if v == best)
 
 
+def at_edge(values: Mapping[str, str], spec: Sequence[tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """The picked values that are the smallest or largest of three or more numeric candidates of their key
+    (``{key: "smallest" | "largest"}``): the best value may lie outside the range tried. Two candidates
+    always put the pick at an edge and non-numeric values have no order, so neither is flagged."""
+    out = {}
+    for key, vals in spec:
+        try:
+            nums = sorted(float(v) for v in vals)
+            picked = float(values[key])
+        except ValueError:
+            continue
+        if len(set(nums)) >= 3 and picked in (nums[0], nums[-1]):
+            out[key] = "smallest" if picked == nums[0] else "largest"
+    return out
+
+
 def tune_arms(arms: Sequence[Arm], spec: Sequence[tuple[str, Sequence[str]]], score: Score) -> list[dict]:
     """Score every candidate (``score(overrides) -> {arm: validation score}``) and pick per arm.
 
     Returns one dict per arm: ``{"method", "sampler", "picked": label, "overrides": [..], "values": {key: value},
-    "scores": {label: score}}``."""
+    "scores": {label: score}, "edge": {key: "smallest" | "largest"}}`` (``edge``: :func:`at_edge`)."""
     cands = candidates(spec)
     scored = {label(c): score(c) for c in cands}
     out = []
@@ -119,8 +135,9 @@ def tune_arms(arms: Sequence[Arm], spec: Sequence[tuple[str, Sequence[str]]], sc
         scores = {lb: float(s[arm]) for lb, s in scored.items()}
         best = pick(scores)
         chosen = next(c for c in cands if label(c) == best)
+        values = dict(o.split("=", 1) for o in chosen)
         out.append({"method": arm[0], "sampler": arm[1], "picked": best, "overrides": chosen,
-                    "values": dict(o.split("=", 1) for o in chosen), "scores": scores})
+                    "values": values, "scores": scores, "edge": at_edge(values, spec)})
     return out
 
 

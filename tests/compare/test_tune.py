@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_config
-from rlora.compare.tune import candidates, folder_name, parse_tune, pick, tune_arms, tuning_config
+from rlora.compare.tune import at_edge, candidates, folder_name, parse_tune, pick, tune_arms, tuning_config
 from rlora.config import ConfigError
 
 ARMS = [("lora", "proportional"), ("mtl", "proportional")]
@@ -71,7 +71,23 @@ def test_the_pick_is_the_best_validation_score_per_arm_and_a_tie_goes_to_the_fir
     assert picks[0]["overrides"] == ["trainer.learning_rate=1e-3"]
     assert picks[1]["values"] == {"trainer.learning_rate": "3e-3"}
     assert picks[1]["scores"] == {k: v[ARMS[1]] for k, v in truth.items()}
+    assert picks[0]["edge"] == {} and picks[1]["edge"] == {"trainer.learning_rate": "largest"}
     assert pick({"x": 0.5, "y": 0.7, "z": 0.7}) == "y"
+
+
+def test_a_pick_at_the_edge_of_three_or_more_numeric_values_is_flagged():
+    """By value, not by the order listed; two values (always an edge) and words are not flagged; with two keys
+    each is judged on its own."""
+    lr = ("trainer.learning_rate", ["3e-3", "3e-4", "1e-3"])
+    assert at_edge({"trainer.learning_rate": "3e-3"}, [lr]) == {"trainer.learning_rate": "largest"}
+    assert at_edge({"trainer.learning_rate": "3e-4"}, [lr]) == {"trainer.learning_rate": "smallest"}
+    assert at_edge({"trainer.learning_rate": "1e-3"}, [lr]) == {}
+    assert at_edge({"trainer.learning_rate": "3e-3"}, [("trainer.learning_rate", ["1e-3", "3e-3"])]) == {}
+    sched = ("trainer.lr_scheduler_type", ["linear", "cosine", "constant"])
+    assert at_edge({"trainer.lr_scheduler_type": "linear"}, [sched]) == {}
+    wd = ("trainer.weight_decay", ["0", "0.01", "0.1"])
+    assert at_edge({"trainer.learning_rate": "1e-3", "trainer.weight_decay": "0"}, [lr, wd]) == \
+        {"trainer.weight_decay": "smallest"}
 
 
 def test_tuning_config_scores_every_validation_row_with_fewer_steps(cfg):
@@ -94,6 +110,11 @@ def test_the_report_s_tuning_table_and_budget_line():
     assert lines[2:] == ["| method | sampler | lr=1 | lr=2 | pick |", "| --- | --- | ---: | ---: | --- |",
                          "| lora | p | 50.0 | 25.0 | lr=1 |", "| mtl | p | 12.5 | 75.0 | lr=2 |"]
     assert "200 steps" in _tuning_table({**tuning, "steps": 200})[0]
+    assert not any("edge" in line for line in lines)  # picks made before the flag existed have none
+    tuning["picks"][1].update(values={"lr": "2"}, edge={"lr": "largest"})
+    assert _tuning_table(tuning)[-2:] == ["", "**Picks at the edge of the range tried:** mtl/p the largest lr (2). The "
+                                          "best value may lie beyond it: widen the range to know whether these arms "
+                                          "were tuned."]
     budget = {"mode": "total", "lora_rank": 15, "ranks": {"lora/p": 15, "mtl/p": 8}}
     assert _budget_lines(budget) == ["**Budget** `total`: LoRA rank 15; ranks lora/p 15, mtl/p 8."]
 
@@ -141,6 +162,33 @@ def test_tuning_seeds_are_disjoint_from_the_verdict_s(tmp_path, monkeypatch, see
                 tune=[("trainer.learning_rate", ["1e-3", "2e-3"])], val_rows=4, score=score).run()
     assert seen["verdict"] == list(range(7, 7 + seeds))
     assert seen["score"] == seen["tuning"] == tuning and seen["score"] not in seen["verdict"]
+
+
+def test_the_suite_says_when_a_pick_is_at_the_edge_of_the_range(tmp_path, monkeypatch, capsys):
+    import rlora.compare.suite as suite
+    from helpers import write_tasks
+
+    write_tasks(tmp_path / "d", n_train=24, n_dev=4)
+    cfg = run_config(tmp_path / "model", tmp_path / "d", tmp_path)
+    seen = {}
+
+    class Verdict:
+        def __init__(self, c, arms, n, *a, **kw):
+            seen["tuning"] = kw["tuning"]
+            self.cell_records = []
+
+        def run(self):
+            return {}
+
+    scores = {"1e-3": 0.4, "2e-3": 0.5, "3e-3": 0.6}
+    monkeypatch.setattr(suite, "Comparison", Verdict)
+    suite.Suite(cfg, [("lora", "proportional")], 1, "lora", "ab", tmp_path / "out",
+                tune=[("trainer.learning_rate", list(scores))], val_rows=4,
+                score=lambda name, c: lambda o: {("lora", "proportional"): scores[o[0].split("=")[1]]}).run()
+    assert seen["tuning"]["picks"][0]["edge"] == {"trainer.learning_rate": "largest"}
+    assert ("tuned lora/proportional: trainer.learning_rate=3e-3 (validation trainer.learning_rate=1e-3 40.0, "
+            "trainer.learning_rate=2e-3 50.0, trainer.learning_rate=3e-3 60.0); the largest trainer.learning_rate "
+            "tried: the best may lie beyond it") in capsys.readouterr().out
 
 
 def test_a_tuning_candidate_s_mlflow_parent_run_ends_finished(tiny_model_dir, tmp_path, monkeypatch):
