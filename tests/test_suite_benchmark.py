@@ -91,12 +91,13 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
 def test_sync_copies_finished_cells_counts_the_planned_ones_and_trains_nothing(tmp_path, capsys):
     """--sync copies every record; the progress counts the suite's methods, and verdict cells of the planned
     seeds (--seeds 3 plans seeds 42..44) trained with their method's pick only: LoRA's tuning is complete and
-    picks 3e-3 (the 1e-3 cell of seed 42 is superseded); MTL-LoRA's is not, so its cell is not counted yet."""
+    picks 3e-3 over 1e-2 (the 1e-3 cell of seed 42 is superseded); MTL-LoRA's is not, so its cell is not counted
+    yet."""
     suite = load_suite()
     work = tmp_path / "work"
     lr = "trainer.learning_rate"
     tune = {v: {"method": "lora", "seed": 1042, "wall_s": 600.0, "accuracy": {"a": acc, "b": 0.5}}
-            for v, acc in [("3e-4", 0.4), ("1e-3", 0.5), ("3e-3", 0.6)]}
+            for v, acc in [("3e-4", 0.4), ("1e-3", 0.5), ("3e-3", 0.6), ("1e-2", 0.55)]}
     cells = {**{f"tune/{lr}={v}/cells/t{v}.json": rec for v, rec in tune.items()},
              f"tune/{lr}=1e-3/cells/m1.json": {"method": "mtl", "seed": 1042, "wall_s": 600.0, "accuracy": {"a": 0.9}},
              "cells/k1.json": {"method": "lora", "seed": 42, "wall_s": 3600.0, "overrides": [f"{lr}=1e-3"]},
@@ -110,15 +111,15 @@ def test_sync_copies_finished_cells_counts_the_planned_ones_and_trains_nothing(t
     suite.main(["--sync", "--work", str(work), "--out", str(tmp_path / "results")])
     assert suite.cell_files(tmp_path / "results" / "suite_cells") == suite.cell_files(work)
     log = capsys.readouterr().out
-    assert "mtl_cpu6: tuning 4/12, verdict 1/8 cells, 1.67 h of cell time; picks lora 3e-3" in log
-    assert "bigbench_default: tuning 0/12, verdict 0/8 cells, 0.0 h of cell time; picks none yet" in log
+    assert "mtl_cpu6: tuning 5/16, verdict 1/8 cells, 1.83 h of cell time; picks lora 3e-3" in log
+    assert "bigbench_default: tuning 0/16, verdict 0/8 cells, 0.0 h of cell time; picks none yet" in log
     suite.main(["--sync", "--seeds", "3", "--work", str(work), "--out", str(tmp_path / "results")])
-    assert "mtl_cpu6: tuning 4/12, verdict 2/12 cells, 2.67 h of cell time; picks lora 3e-3" in capsys.readouterr().out
-    # a tie goes to the value listed first (3e-4 < 1e-3 < 3e-3 in the suite's order)
+    assert "mtl_cpu6: tuning 5/16, verdict 2/12 cells, 2.83 h of cell time; picks lora 3e-3" in capsys.readouterr().out
+    # a tie goes to the value listed first (3e-4, 1e-3, 3e-3, 1e-2 in the suite's order)
     tune["3e-4"]["accuracy"]["a"] = 0.6
     (work / "mtl_cpu6" / f"tune/{lr}=3e-4/cells/t3e-4.json").write_text(json.dumps(tune["3e-4"]))
     suite.main(["--sync", "--work", str(work), "--out", str(tmp_path / "results")])
-    assert "mtl_cpu6: tuning 4/12, verdict 0/8 cells, 0.67 h of cell time; picks lora 3e-4" in capsys.readouterr().out
+    assert "mtl_cpu6: tuning 5/16, verdict 0/8 cells, 0.83 h of cell time; picks lora 3e-4" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [(["--sets", "mtl_cpu6,nope"], "--sets"), (["--sets", ","], "--sets"),
