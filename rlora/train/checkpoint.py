@@ -7,7 +7,8 @@ Layout of one checkpoint directory (every rank writes its own files; Ray merges 
     latest                       DeepSpeed's pointer file
     trainer_state.json           rank 0: global_step, sampler, mlflow_run_id, run_name, probe_plan
                                  (the diagnostics rotation), train_seconds, wall_seconds
-                                 (both summed over resumes), complete=true
+                                 (both summed over resumes), started_at and wall_before (the
+                                 invocation that wrote it and the wall seconds before it), complete=true
     rng/rank{r}.safetensors      per rank: torch CPU (and CUDA) RNG state
 """
 from __future__ import annotations

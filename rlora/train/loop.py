@@ -118,7 +118,7 @@ class Trainer:
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
         self.step = 0
         self.resumed_from: Optional[int] = None
-        self._wall_s_before = 0.0  # wall seconds of the invocations before a resume (to its checkpoint)
+        self._wall_s_before = 0.0  # wall seconds of earlier invocations of this run (to the checkpoint resumed)
         self.results_before: Optional[dict] = None
         self.results_after: dict = {}
         self.eval_history: list[tuple[int, dict]] = []
@@ -217,7 +217,10 @@ class Trainer:
         self.data_order = state.get("data_order", "")
         self._plan_state = state.get("probe_plan")  # the diagnostics rotation goes on where it stopped
         self._train_s_before = float(state.get("train_seconds") or 0.0)
-        self._wall_s_before = float(state.get("wall_seconds") or 0.0)
+        # a worker-group restart within this invocation resumes a checkpoint stamped with its start: the
+        # invocation's own clock already covers the failed group, so only earlier invocations carry over
+        same = state.get("started_at") == run["started_at"]
+        self._wall_s_before = float(state.get("wall_before" if same else "wall_seconds") or 0.0)
         run["mlflow_run_id"] = state.get("mlflow_run_id") or run.get("mlflow_run_id")
         self._say(f"[rlora] resumed from {best} at step {self.step}/{self.total_steps}")
 
@@ -331,9 +334,9 @@ class Trainer:
         return None if diag.conflict is None else self._plan.merge(diag.conflict)
 
     def _wall_s(self) -> float:
-        """Wall seconds of the run up to now, setup and side work included, summed over the invocations
-        before a resume (each counted up to the checkpoint this one resumed from: redone steps count once)."""
-        return time.time() - self.clock.start + self._wall_s_before
+        """Wall seconds of the run up to now: this invocation's (from its start, setup and side work included)
+        plus those of earlier invocations, each counted to the checkpoint the next one resumed from."""
+        return time.time() - self.run["started_at"] + self._wall_s_before
 
     def _train_s(self, total: bool = True) -> float:
         """Training seconds so far: the loop's wall time less side work, of this invocation
@@ -416,7 +419,8 @@ class Trainer:
                 "results_before": self.results_before, "total_steps": self.total_steps,
                 "data_order": self.data_order,
                 "probe_plan": self._plan.state_dict() if hasattr(self, "_plan") else None,
-                "train_seconds": self._train_s(), "wall_seconds": self._wall_s()})
+                "train_seconds": self._train_s(), "wall_seconds": self._wall_s(),
+                "started_at": self.run["started_at"], "wall_before": self._wall_s_before})
             if write is not None:
                 write(Path(d))
             self.rt.report({"global_step": self.step, "loss": self.loss_hist[-1] if self.loss_hist else float("nan")},

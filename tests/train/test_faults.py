@@ -96,6 +96,7 @@ def test_sigkill_a_worker_from_outside(tiny_model_dir, task_dir, tmp_path):
     summary = json.loads(sorted((tmp_path / "out" / "ray_results" / "sigkill").glob("checkpoint_*/results.json"))[-1]
                          .read_text())
     assert summary["global_step"] == 30 and summary["resumed_from_step"] >= 4
+    assert summary["wall_seconds_before"] == 0.0  # a restart within one invocation: its own clock covers it
     steps = _loss_steps(uri, "tests")
     assert sorted(steps) == list(range(1, 31))  # one MLflow run, no repeated steps
 
@@ -123,6 +124,7 @@ def test_driver_sigterm_then_same_command_resumes(tiny_model_dir, task_dir, tmp_
     summary = json.loads(sorted((tmp_path / "out" / "ray_results" / "driver").glob("checkpoint_*/results.json"))[-1]
                          .read_text())
     assert summary["global_step"] == 30 and summary["resumed_from_step"] >= 6
+    assert summary["wall_seconds_before"] > 0.0  # the stopped invocation's time carries over
     steps = _loss_steps(uri, "tests")
     assert sorted(steps) == list(range(1, 31))
 
