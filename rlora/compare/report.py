@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from .cells import CompareError
 from .summary import summarize
+from .tune import edge_phrases
 
 __all__ = ["forest_plot", "markdown_table", "pooled_forest_plot", "pooled_markdown", "summarize", "to_json"]
 
@@ -127,8 +128,7 @@ def _tuning_table(tuning: Mapping) -> list[str]:
              _row(["method", "sampler", *labels, "pick"]), _row(["---", "---", *["---:"] * len(labels), "---"])]
     for p in picks:
         lines.append(_row([p["method"], p["sampler"], *[_pct(p["scores"][lb]) for lb in labels], p["picked"]]))
-    edges = [f"{p['method']}/{p['sampler']} the {side} {key} ({p['values'][key]})"
-             for p in picks for key, side in (p.get("edge") or {}).items()]
+    edges = [f"{p['method']}/{p['sampler']} {phrase}" for p in picks for phrase in edge_phrases(p)]
     if edges:
         lines += ["", f"**Picks at the edge of the range tried:** {'; '.join(edges)}. The best value may lie beyond "
                       "it: widen the range to know whether these arms were tuned."]

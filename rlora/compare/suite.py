@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from ..config import ConfigError, RunConfig
 from .datasets import carve_validation, resolve_sets
 from .runner import Comparison, _write_json
-from .tune import Score, comparison_score, tune_arms
+from .tune import Score, comparison_score, edge_phrases, tune_arms
 
 Arm = tuple[str, str]
 POOLED_STATE = "pooled_state.json"  # OUT/: the pooled report's MLflow run id, reused by a re-run of the same sets
@@ -100,7 +100,8 @@ class Suite:
             for p in picks:
                 print(f"[rlora] compare: tuned {p['method']}/{p['sampler']}: {p['picked']} (validation "
                       + ", ".join(f"{lb} {100 * v:.1f}" for lb, v in p["scores"].items()) + ")"
-                      + "".join(f"; the {side} {key} tried: the best may lie beyond it" for key, side in p["edge"].items()),
+                      + "".join(f"; {phrase} is at the edge of the range: the best may lie beyond it"
+                                for phrase in edge_phrases(p)),
                       flush=True)
         comparison = Comparison(cfg, self.arms, self.seeds, self.baseline, self.budget, out, local=self.local,
                                 n_boot=self.n_boot, verbose=self.verbose, overrides=overrides,

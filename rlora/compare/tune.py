@@ -123,6 +123,12 @@ def at_edge(values: Mapping[str, str], spec: Sequence[tuple[str, Sequence[str]]]
     return out
 
 
+def edge_phrases(p: Mapping) -> list[str]:
+    """``"the largest trainer.learning_rate (3e-3)"`` per key of a pick (a :func:`tune_arms` entry) at the edge
+    of its range; none for picks made before ``edge`` was recorded."""
+    return [f"the {side} {key} ({p['values'][key]})" for key, side in (p.get("edge") or {}).items()]
+
+
 def tune_arms(arms: Sequence[Arm], spec: Sequence[tuple[str, Sequence[str]]], score: Score) -> list[dict]:
     """Score every candidate (``score(overrides) -> {arm: validation score}``) and pick per arm.
 

@@ -188,7 +188,7 @@ def test_the_suite_says_when_a_pick_is_at_the_edge_of_the_range(tmp_path, monkey
     assert seen["tuning"]["picks"][0]["edge"] == {"trainer.learning_rate": "largest"}
     assert ("tuned lora/proportional: trainer.learning_rate=3e-3 (validation trainer.learning_rate=1e-3 40.0, "
             "trainer.learning_rate=2e-3 50.0, trainer.learning_rate=3e-3 60.0); the largest trainer.learning_rate "
-            "tried: the best may lie beyond it") in capsys.readouterr().out
+            "(3e-3) is at the edge of the range: the best may lie beyond it") in capsys.readouterr().out
 
 
 def test_a_tuning_candidate_s_mlflow_parent_run_ends_finished(tiny_model_dir, tmp_path, monkeypatch):
