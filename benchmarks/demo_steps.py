@@ -5,8 +5,8 @@ Every cell is the main job itself -- ``examples/configs/cpu_demo.yaml`` with ``t
 and ``trainer.seed=X`` through the product's launcher (2 Ray workers, ZeRO-2, all 6 x 60 dev rows) --
 and its record (per-row correctness) is kept in ``--out``/cells/steps<S>-seed<X>.json, so a re-run
 only trains the missing cells. Every shorter step count is compared with the longest on the same
-seeds: the difference in mean and worst-task dev accuracy with a 95 % paired hierarchical bootstrap
-interval (seeds, then dev rows: :func:`rlora.compare.stats.paired_differences`).
+seeds: the difference in mean and worst-task dev accuracy with a 95 % paired bootstrap
+interval (seeds and dev rows, crossed: :func:`rlora.compare.stats.paired_differences`).
 
     python benchmarks/demo_steps.py --steps 60,40 --seeds 42,43,44 [--json]   # the README's result
     python benchmarks/demo_steps.py --quick     # 4 vs 2 steps, 1 seed, 4 dev rows a task: mechanics only

@@ -7,7 +7,7 @@
    the ones of step 1: a cell is trained once per config and seed).
 
 Every difference is paired (same seeds, same data order, same dev rows) with a 95 % interval from
-the hierarchical bootstrap of :mod:`rlora.compare`. The report (``compare_cpu.{md,json}`` and
+the paired bootstrap of seeds and dev rows of :mod:`rlora.compare`. The report (``compare_cpu.{md,json}`` and
 ``compare_cpu_forest.png`` in benchmarks/results, ``compare_quick.*`` with ``--quick``) and the JSON
 last line carry the differences in points with their half-widths as ``spread``.
 

@@ -8,7 +8,7 @@ over ``rlora compare`` (:class:`rlora.compare.suite.Suite`), with the suite's se
   from the training rows (one tuning cell each, trained the verdict's 200 steps, seed ``trainer.seed + 1000``;
   1e-2 was added after the first set's picks were 3e-3, the top of the range then, for 3 of 4 methods);
 * 2 seeds per verdict cell, 150 dev rows a task scored; each set reported, then pooled (stratified
-  hierarchical bootstrap).
+  bootstrap of seeds and dev rows, crossed).
 
 It trains the same cells (same keys, same folders) as, per set, ``rlora compare examples/configs/compare_cpu.yaml
 --local --methods lora,mtl,rlora,align --seeds 2 --sets SET --tune trainer.learning_rate=3e-4,1e-3,3e-3,1e-2
@@ -115,17 +115,20 @@ def progress(work: Path, sets: list[str], spec: dict) -> dict:
     return out
 
 
-def figures(result: dict) -> dict:
-    """Each method minus LoRA per set and pooled (points), its interval half-width as the spread."""
+def figures(result: dict, pooled_too: bool = True) -> dict:
+    """Each method minus LoRA per set (from the set's own report) and pooled (points), its interval half-width
+    as the spread; without ``pooled_too`` (a run of some of the sets) the per-set figures only."""
+    def figure(r: dict) -> dict:
+        return {"value": round(100 * r["diff"], 2), "spread": round(100 * r["half_width"], 2), "target": "info",
+                "unit": "points", "interval": [round(100 * r["lo"], 2), round(100 * r["hi"], 2)],
+                "verdict": r["verdict"]}
     out = {}
-    pooled = result.get("pooled") or {}
-    for c in pooled.get("comparisons", []):
-        m = c["a"]["method"]
-        for where, r in [*c["pooled"]["sets"].items(), ("pooled", c["pooled"])]:
-            out[f"{m}_minus_lora_{where}"] = {"value": round(100 * r["diff"], 2), "spread": round(100 * r["half_width"], 2),
-                                              "target": "info", "unit": "points",
-                                              "interval": [round(100 * r["lo"], 2), round(100 * r["hi"], 2)],
-                                              "verdict": r["verdict"]}
+    for name, summary in (result.get("sets") or {}).items():
+        for c in summary["comparisons"]:
+            out[f"{c['a']['method']}_minus_lora_{name}"] = figure(c["mean"])
+    if pooled_too:
+        for c in (result.get("pooled") or {}).get("comparisons", []):
+            out[f"{c['a']['method']}_minus_lora_pooled"] = figure(c["pooled"])
     return out
 
 
@@ -327,7 +330,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if result.get("pooled") and args.sets == SETS:
         write_report(work, out, tag, spec, wall)
         print(f"[suite] report: {out / (tag + '.md')}", flush=True)
-    emit(tag, figures(result), args.json)
+    # a run of some of the sets pools only those: its figures carry no pooled value and another name, so nothing
+    # that collects benchmark lines can take them for the suite's
+    whole = args.sets == SETS
+    emit(tag if whole else f"{tag}_partial", figures(result, pooled_too=whole), args.json)
     return result
 
 

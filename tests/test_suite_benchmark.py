@@ -52,7 +52,13 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
     assert (out / "suite_quick_forest_bigbench_default.png").stat().st_size > 5_000
     assert not list(out.glob("suite_quick_mtl_cpu6*")) and not list(out.glob("suite_quick_forest_mtl_cpu6*"))
     alone = json.loads((out / "suite_quick_bigbench_default.json").read_text())
-    assert "bigbench_default: tuning 4/4, verdict 4/4 cells" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "bigbench_default: tuning 4/4, verdict 4/4 cells" in log
+    # a run of some of the sets: its own figures under another name, none pooled
+    partial = json.loads(log.strip().splitlines()[-1])
+    assert partial["benchmark"] == "suite_quick_partial" and set(partial["figures"]) == {"align_minus_lora_bigbench_default"}
+    assert partial["figures"]["align_minus_lora_bigbench_default"]["value"] == round(
+        100 * alone["comparisons"][0]["mean"]["diff"], 2)
 
     result = suite.main(args + ["--work", str(work)])
     assert list(result["sets"]) == suite.SETS
@@ -79,6 +85,10 @@ def test_quick_suite_reports_every_set_and_resumes_from_stored_cells(tiny_model_
     f = figures["figures"]["align_minus_lora_pooled"]
     assert f["interval"][0] <= f["value"] <= f["interval"][1] and f["unit"] == "points"
     assert set(figures["figures"]) == {f"align_minus_lora_{w}" for w in [*suite.SETS, "pooled"]}
+    # a set's figure (from its own report) is its line in the pooled report
+    sets_in_pool = record["pooled"]["comparisons"][0]["pooled"]["sets"]
+    assert all(figures["figures"][f"align_minus_lora_{s}"]["value"] == round(100 * sets_in_pool[s]["diff"], 2)
+               for s in suite.SETS)
 
     # a fresh work folder: the stored cells are copied in and nothing trains again; the same verdicts
     again = suite.main(args + ["--work", str(tmp_path / "work2")])

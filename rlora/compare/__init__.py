@@ -2,8 +2,8 @@
 
 ``cells`` (one trained and evaluated model each, see :mod:`rlora.compare.cells`) go into
 :func:`summarize`; its summary feeds :func:`markdown_table`, :func:`forest_plot` and :func:`to_json`.
-Differences between arms are paired (same seeds, same dev rows) with intervals from a hierarchical
-bootstrap (:mod:`rlora.compare.bootstrap`); over several data sets, :func:`pool_sets` pools them
+Differences between arms are paired (same seeds, same dev rows) with intervals from a two-level
+bootstrap of seeds and dev rows (:mod:`rlora.compare.bootstrap`); over several data sets, :func:`pool_sets` pools them
 (:mod:`rlora.compare.pooled`) for :func:`pooled_markdown` and :func:`pooled_forest_plot`.
 """
 from .cells import CompareError, check_cells, group_arms

@@ -79,8 +79,8 @@ def _arm_table(summary: Mapping) -> list[str]:
 def _difference_table(summary: Mapping, per_task: bool) -> list[str]:
     level = f"{100 * summary['level']:g} %"
     statistics = ["mean", "worst", *(summary["tasks"] if per_task else [])]
-    lines = [f"**Paired differences A − B** (points; {level} percentile interval of a paired hierarchical "
-             f"bootstrap over seeds, then dev rows, {summary['n_boot']} resamples)", "",
+    lines = [f"**Paired differences A − B** (points; {level} percentile interval of a paired bootstrap of "
+             f"seeds and dev rows, crossed, {summary['n_boot']} resamples)", "",
              _row(["comparison (A vs B)", "statistic", "seeds", "A", "B", "A − B", f"{level} CI", "verdict",
                    "seeds for ±1 pt"]),
              _row(["---", "---", "---:", "---:", "---:", "---:", "---", "---", "---:"])]
@@ -205,7 +205,7 @@ def pooled_markdown(pooled: Mapping) -> str:
         lines.append(_row([arm["method"], arm["sampler"], *[_pct(arm["sets"][k]) if k in arm["sets"] else "–"
                                                            for k in sets], _pct(arm["mean"])]))
     lines += ["", f"**Paired differences A − B pooled over sets** (points; {level} percentile interval of a "
-              f"stratified hierarchical bootstrap: within each set seeds, then dev rows; {pooled['n_boot']} "
+              f"stratified bootstrap: within each set seeds and dev rows, crossed; {pooled['n_boot']} "
               "resamples)", "", _row(["comparison (A vs B)", "set", "weight", "seeds", "A", "B", "A − B",
                                        f"{level} CI", "verdict"]),
               _row(["---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---"])]

@@ -9,13 +9,15 @@ of task ``t`` (``n_t`` rows). Accuracies are fractions in [0, 1] here; the repor
 * a task name as statistic: ``acc_t`` of that task (``"mean"`` and ``"worst"`` take precedence).
 
 A paired difference is ``stat(a) - stat(b)`` on the seeds both arms have, with a percentile
-interval from the paired hierarchical bootstrap of :mod:`rlora.compare.bootstrap` (seeds, then dev
-rows within each seed and task, the same rows for both arms). Resampling both levels counts the
-row-level noise once more inside each seed mean, so where dev-row noise dominates the interval errs
-on the wide side (simulated: 98.6 % coverage at 1.27x the exact width with 3 seeds); where seed-to-seed
-differences dominate it errs narrow (a percentile bootstrap over S seeds sees (S - 1)/S of their variance:
-77 % coverage when their spread is about 4x a seed's row noise, 3 seeds) -- more seeds, not a wider
-interval, is the remedy (tests/compare/test_coverage.py has the measured grid). With one seed nothing is resampled at the seed level: the interval covers dev-row noise only, and the
+interval from the paired two-level bootstrap of :mod:`rlora.compare.bootstrap` (seeds and dev rows
+resampled independently, crossed as they are: every seed scores the same rows; the same draws for both
+arms). Rows are drawn once for all seeds, so a row that one arm wins in every seed counts in full. The
+row noise inside each seed's mean is counted a second time at the seed level, so where dev-row noise
+dominates the interval errs on the wide side (simulated: 98 % coverage at 1.3x the exact width with 3
+seeds); where seed-to-seed differences dominate it errs narrow (a percentile bootstrap over S seeds sees
+(S - 1)/S of their variance: 77 % coverage when their spread is about 4x a seed's row noise, 3 seeds) --
+more seeds, not a wider interval, is the remedy (tests/compare/test_coverage.py has the measured grid).
+With one seed nothing is resampled at the seed level: the interval covers dev-row noise only, and the
 result says so (``seeds_resampled: False``). The worst task is a minimum over noisy accuracies, so
 its replicates are biased low and its interval need not be centred on the observed difference.
 """

@@ -6,8 +6,8 @@ The simulated suite (``suites``): ``K = 3`` sets with different true macro-mean 
 tests/compare/test_coverage.py: ``T = 3`` tasks of ``n = 100`` dev rows, ``S = 3`` seeds, row base accuracy
 ``q ~ U(0.3, 0.7)``, arm a right when ``u < q + d_k/2 + e^a``, arm b when ``u < q - d_k/2 + e^b`` (the same ``u``:
 paired rows), seed effects ``e ~ U(-w, w)`` per arm, seed and task. Measured with this code over 1000 suites
-(1000 resamples each): ``w = 0.02`` covers 96.5 % at 1.14 x the exact width (2 x 1.96 x the sd of the observed
-pooled difference over the suites); ``w = 0`` 98.3 % at 1.31 x (rows counted twice inside each set, as in the
+(1000 resamples each): ``w = 0.02`` covers 97.4 % at 1.15 x the exact width (2 x 1.96 x the sd of the observed
+pooled difference over the suites); ``w = 0`` 97.7 % at 1.27 x (rows counted twice inside each set, as in the
 one-set interval). The test runs 150 suites (about 3 s).
 """
 import math
@@ -153,9 +153,9 @@ def test_pool_sets_report_json_and_plot(tmp_path):
     mtl = next(a for a in pooled["arms"] if a["method"] == "mtl")
     assert mtl["mean"] == pytest.approx(np.mean(list(mtl["sets"].values())))
     text = pooled_markdown(pooled)
-    assert "| mtl vs lora (p) | **pooled** | 1 | 9 |" in text and "stratified hierarchical bootstrap" in text
+    assert "| mtl vs lora (p) | **pooled** | 1 | 9 |" in text and "stratified bootstrap" in text
     assert "| hydra | p | " in text and " – |" in text       # hydra has no s2 column value
-    assert to_json(pooled)["comparisons"][0]["pooled"]["method"] == "stratified hierarchical bootstrap"
+    assert to_json(pooled)["comparisons"][0]["pooled"]["method"] == "stratified two-level bootstrap"
     png = pooled_forest_plot(pooled, tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # rows by set, not by position: hydra has no s2 row (y = 1 stays empty) and its pooled diamond is at y = 0
@@ -236,8 +236,8 @@ def test_pooled_markdown_in_full():
         "| lora | p | 50.0 | 62.5 | 59.4 |",
         "| mtl | p | 55.0 | – | 55.0 |",
         "",
-        "**Paired differences A − B pooled over sets** (points; 90 % percentile interval of a stratified hierarchical "
-        "bootstrap: within each set seeds, then dev rows; 200 resamples)",
+        "**Paired differences A − B pooled over sets** (points; 90 % percentile interval of a stratified bootstrap: "
+        "within each set seeds and dev rows, crossed; 200 resamples)",
         "",
         "| comparison (A vs B) | set | weight | seeds | A | B | A − B | 90 % CI | verdict |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",

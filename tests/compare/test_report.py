@@ -253,8 +253,8 @@ def test_markdown_table_in_full(tmp_path):
         "| lora | p | 2 | 50.0 | 70.0 | 60.0 | 50.0 (qa) |",
         "| hy\\|dra | p | 2 | 60.0 | 80.0 | 70.0 | 60.0 (qa) |",
         "",
-        "**Paired differences A − B** (points; 95 % percentile interval of a paired hierarchical bootstrap over seeds, "
-        "then dev rows, 300 resamples)",
+        "**Paired differences A − B** (points; 95 % percentile interval of a paired bootstrap of seeds and dev rows, "
+        "crossed, 300 resamples)",
         "",
         "| comparison (A vs B) | statistic | seeds | A | B | A − B | 95 % CI | verdict | seeds for ±1 pt |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
