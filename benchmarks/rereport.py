@@ -4,7 +4,7 @@ A cell's key is a hash of its config, so cells recorded by an older version of t
 added since) are not found by a re-run of ``rlora compare``, which would train them again. Their records
 (per-row scores, seeds, wall time) are all a report needs: this reads ``CELLS/*.json`` and writes
 ``PREFIX.md``, ``PREFIX.json`` and ``PREFIX_forest.png`` with the current statistics (the same
-:func:`rlora.compare.summarize`, tables and plot as ``rlora compare``):
+summary, tables and plot as ``rlora compare``):
 
     python benchmarks/rereport.py benchmarks/results/compare_cpu_cells benchmarks/results/compare_cpu
 """
@@ -16,14 +16,13 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from rlora.compare import forest_plot, markdown_table, summarize, to_json
-    from rlora.compare.runner import check_pairing
+    from rlora.compare import forest_plot, markdown_table, to_json
+    from rlora.compare.runner import report_summary
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("cells", type=Path, help="folder of cell records (*.json)")
     p.add_argument("prefix", type=Path, help="report path without suffix, e.g. benchmarks/results/compare_cpu")
     p.add_argument("--baseline", default="lora", help="baseline method (default lora)")
-    p.add_argument("--baseline-sampler", default="proportional", help="baseline sampler (default proportional)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=42, help="the bootstrap's seed (rlora compare: trainer.seed; 42)")
     p.add_argument("--methods", default="lora,hydra,rlora,mtl,align", help="method order in the report")
@@ -40,12 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: cells of {unknown} in {args.cells}: add them to --methods / --samplers")
     # plan order, as rlora compare writes its report: samplers outer, methods inner, then seeds
     records.sort(key=lambda r: (samplers.index(r["sampler"]), methods.index(r["method"]), r["seed"]))
-    check_pairing(records)
-    summary = summarize(records, args.baseline, baseline_sampler=args.baseline_sampler, n_boot=args.n_boot,
-                        seed=args.seed)
-    summary["wall_s_total"] = sum(r["wall_s"] for r in records)
-    summary["budget"] = {"mode": args.budget, "ranks": {f"{r['method']}/{r['sampler']}": r.get("rank") for r in records},
-                         "lora_rank": next((r.get("rank") for r in records if r["method"] == "lora"), None)}
+    present = [s for s in samplers if any(r["sampler"] == s for r in records)]
+    summary = report_summary(records, args.baseline, present, args.n_boot, args.seed, args.budget)
     table = markdown_table(summary)
     args.prefix.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.prefix}.md").write_text(table + "\n")

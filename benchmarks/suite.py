@@ -327,12 +327,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for s in result.get("sets") or {}:
         write_set(work, out, tag, s)
         print(f"[suite] {s}: report in {out / f'{tag}_{s}.md'}", flush=True)
-    if result.get("pooled") and args.sets == SETS:
+    whole = args.sets == SETS
+    if result.get("pooled") and whole:
         write_report(work, out, tag, spec, wall)
         print(f"[suite] report: {out / (tag + '.md')}", flush=True)
     # a run of some of the sets pools only those: its figures carry no pooled value and another name, so nothing
     # that collects benchmark lines can take them for the suite's
-    whole = args.sets == SETS
     emit(tag if whole else f"{tag}_partial", figures(result, pooled_too=whole), args.json)
     return result
 

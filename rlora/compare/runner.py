@@ -70,6 +70,21 @@ def check_pairing(records: list[dict]) -> None:
                                "change between runs (then use a new --out)")
 
 
+def report_summary(records: list[dict], baseline: str, samplers: list[str], n_boot: int, rng_seed: int,
+                   budget: str) -> dict:
+    """The report's summary of finished cells (in plan order): :func:`~rlora.compare.summarize` against the
+    baseline under ``proportional`` (else the first sampler), plus the cells' total wall time and ranks."""
+    from . import summarize
+
+    check_pairing(records)
+    base_sampler = "proportional" if "proportional" in samplers else samplers[0]
+    summary = summarize(records, baseline, baseline_sampler=base_sampler, n_boot=n_boot, seed=rng_seed)
+    summary["wall_s_total"] = sum(r["wall_s"] for r in records)
+    summary["budget"] = {"mode": budget, "ranks": {f"{r['method']}/{r['sampler']}": r["rank"] for r in records},
+                         "lora_rank": next((r["rank"] for r in records if r["method"] == "lora"), None)}
+    return summary
+
+
 def concurrency(cfg: RunConfig, local: bool) -> int:
     """Cells at once: 1 in this process; else as many as the Ray cluster holds one cell's workers."""
     if local:
@@ -215,16 +230,9 @@ class Comparison:
             f"({record['wall_s']:.0f}s)")
 
     def _report(self, records: list[dict]) -> dict:
-        from . import forest_plot, markdown_table, summarize, to_json
+        from . import forest_plot, markdown_table, to_json
 
-        check_pairing(records)
-        base_sampler = "proportional" if "proportional" in self.samplers else self.samplers[0]
-        summary = summarize(records, self.baseline, baseline_sampler=base_sampler, n_boot=self.n_boot,
-                            seed=self.rng_seed)
-        summary["wall_s_total"] = sum(r["wall_s"] for r in records)
-        summary["budget"] = {"mode": self.budget,
-                             "ranks": {f"{r['method']}/{r['sampler']}": r["rank"] for r in records},
-                             "lora_rank": next((r["rank"] for r in records if r["method"] == "lora"), None)}
+        summary = report_summary(records, self.baseline, self.samplers, self.n_boot, self.rng_seed, self.budget)
         if self.tuning is not None:
             summary["tuning"] = self.tuning
         table = markdown_table(summary)
